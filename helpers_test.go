@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"strings"
 	"sync"
 	"testing"
@@ -211,4 +212,81 @@ func doJSON(t testing.TB, method, url string, body any, headers map[string]strin
 	var m map[string]any
 	json.Unmarshal(raw, &m)
 	return resp.StatusCode, resp.Header, m
+}
+
+// fakeNoETL stands in for the NoETL server with its real request and
+// response shapes. Sessions it knows answer /api/auth/session/validate;
+// tests add handlers for anything else with Handle.
+type fakeNoETL struct {
+	*httptest.Server
+	mux *http.ServeMux
+
+	mu       sync.Mutex
+	sessions map[string]fakeSession
+	calls    map[string]int // "METHOD /path" → count
+}
+
+type fakeSession struct {
+	User      User
+	ExpiresAt time.Time
+}
+
+func startNoETL(t testing.TB) *fakeNoETL {
+	t.Helper()
+	f := &fakeNoETL{mux: http.NewServeMux(), sessions: map[string]fakeSession{}, calls: map[string]int{}}
+	f.mux.HandleFunc("POST /api/auth/session/validate", func(w http.ResponseWriter, r *http.Request) {
+		var in struct {
+			SessionToken string `json:"session_token"`
+			Credential   string `json:"credential"`
+		}
+		if err := json.NewDecoder(r.Body).Decode(&in); err != nil || in.SessionToken == "" {
+			http.Error(w, `{"detail":"bad request"}`, http.StatusUnprocessableEntity)
+			return
+		}
+		f.mu.Lock()
+		s, ok := f.sessions[in.SessionToken]
+		f.mu.Unlock()
+		w.Header().Set("Content-Type", "application/json")
+		if !ok || !time.Now().Before(s.ExpiresAt) {
+			io.WriteString(w, `{"status":"ok","valid":false,"user":null,"expires_at":null,"error":null}`)
+			return
+		}
+		json.NewEncoder(w).Encode(map[string]any{
+			"status": "ok", "valid": true, "error": nil,
+			"user": map[string]any{"user_id": s.User.UserID, "email": s.User.Email, "display_name": s.User.DisplayName, "roles": s.User.Roles},
+			// PostgreSQL's text format, as the real server sends it.
+			"expires_at": s.ExpiresAt.UTC().Format("2006-01-02 15:04:05.999999-07"),
+		})
+	})
+	f.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		f.mu.Lock()
+		f.calls[r.Method+" "+r.URL.Path]++
+		f.mu.Unlock()
+		f.mux.ServeHTTP(w, r)
+	}))
+	t.Cleanup(f.Close)
+	return f
+}
+
+// addSession makes token a valid session for user until expires.
+func (f *fakeNoETL) addSession(token string, u User, expires time.Time) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.sessions[token] = fakeSession{User: u, ExpiresAt: expires}
+}
+
+func (f *fakeNoETL) removeSession(token string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	delete(f.sessions, token)
+}
+
+// Handle adds a handler for other NoETL endpoints.
+func (f *fakeNoETL) Handle(pattern string, h http.HandlerFunc) { f.mux.HandleFunc(pattern, h) }
+
+// Calls counts the requests received for "METHOD /path".
+func (f *fakeNoETL) Calls(key string) int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.calls[key]
 }

@@ -66,6 +66,10 @@ type app struct {
 	sessions kvStore // NATS_SESSION_BUCKET
 	revoked  kvStore // NATS_REVOCATION_BUCKET
 	requests kvStore // NATS_REQUEST_BUCKET
+
+	noetl    *noetlClient
+	resolver *resolver
+	access   *accessChecker
 }
 
 func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
@@ -116,6 +120,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		a.revoked = a.nats.kv(cfg.RevocationBucket, "Revoked gateway sessions (logout tombstones)", cfg.SessionMaxLifetime)
 		a.requests = a.nats.kv(cfg.RequestBucket, "Pending async playbook requests", cfg.RequestTTL)
 	}
+	a.noetl = newNoETLClient(cfg)
+	a.resolver = &resolver{cfg: cfg, sessions: a.sessions, revoked: a.revoked, noetl: a.noetl, metrics: a.metrics, now: time.Now}
+	a.access = &accessChecker{cfg: cfg, noetl: a.noetl}
 	log.Info("starting", "version", version, "config", cfg)
 
 	// streams ends every long-lived handler (SSE) at shutdown; Shutdown

@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"net/http"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -95,4 +96,150 @@ func sessionFrom(ctx context.Context) *Session {
 
 func withSession(ctx context.Context, s *Session) context.Context {
 	return context.WithValue(ctx, sessionKey{}, s)
+}
+
+// resolver turns a session token into a Session (SPEC §5.3): revocation
+// tombstone, then the K/V session cache, then the NoETL server.
+type resolver struct {
+	cfg      Config
+	sessions kvStore
+	revoked  kvStore
+	noetl    *noetlClient
+	metrics  *metrics
+	now      func() time.Time
+}
+
+// Resolve returns the valid session for token, errInvalidSession, or
+// errSessionUnavailable when NoETL could not answer on a cache miss.
+func (res *resolver) Resolve(ctx context.Context, token string) (*Session, error) {
+	if res.cfg.AuthBypass {
+		return &Session{Token: token, User: devUser(), ExpiresAt: res.now().Add(24 * time.Hour)}, nil
+	}
+	if !validTokenShape(token) {
+		res.metrics.sessionLookups.with("malformed").Inc()
+		return nil, errInvalidSession
+	}
+	if _, err := res.revoked.Get(ctx, token); err == nil {
+		res.metrics.sessionLookups.with("revoked").Inc()
+		return nil, errInvalidSession
+	}
+	if raw, err := res.sessions.Get(ctx, token); err == nil {
+		var rec sessionRecord
+		if json.Unmarshal(raw, &rec) == nil {
+			if s, ok := rec.session(token, res.now()); ok {
+				res.metrics.sessionLookups.with("kv_hit").Inc()
+				return s, nil
+			}
+		}
+	}
+	rec, err := res.noetl.validateSession(ctx, token)
+	if err != nil {
+		res.metrics.sessionLookups.with("error").Inc()
+		return nil, errors.Join(errSessionUnavailable, err)
+	}
+	s, ok := rec.session(token, res.now())
+	if !ok {
+		res.metrics.sessionLookups.with("noetl_invalid").Inc()
+		res.sessions.Delete(ctx, token)
+		return nil, errInvalidSession
+	}
+	res.metrics.sessionLookups.with("noetl_valid").Inc()
+	if raw, err := json.Marshal(rec); err == nil {
+		res.sessions.Put(ctx, token, raw)
+	}
+	return s, nil
+}
+
+// session checks a record (SPEC §5.3 fix): valid only when active and not
+// expired.
+func (rec *sessionRecord) session(token string, now time.Time) (*Session, bool) {
+	if rec == nil || !rec.IsActive {
+		return nil, false
+	}
+	exp, ok := parseExpiry(rec.ExpiresAt)
+	if !ok || !now.Before(exp) {
+		return nil, false
+	}
+	name := rec.DisplayName
+	if name == "" {
+		name = rec.Email
+	}
+	return &Session{Token: token, ExpiresAt: exp, User: User{
+		UserID: rec.UserID, Email: rec.Email, DisplayName: name, Roles: parseRoles(rec.Roles),
+	}}, true
+}
+
+// parseExpiry reads expires_at in RFC 3339 or PostgreSQL's text format
+// ("2026-01-28 22:11:41.335589+00").
+func parseExpiry(s string) (time.Time, bool) {
+	for _, layout := range []string{time.RFC3339Nano, "2006-01-02 15:04:05.999999999-07", "2006-01-02 15:04:05.999999999-07:00", "2006-01-02T15:04:05.999999999-07", "2006-01-02 15:04:05.999999999Z07:00"} {
+		if t, err := time.Parse(layout, strings.TrimSpace(s)); err == nil {
+			return t, true
+		}
+	}
+	return time.Time{}, false
+}
+
+// parseRoles accepts roles in the four forms the original did (REFERENCE
+// §3.4): a JSON array of strings, a string holding a JSON array, a
+// PostgreSQL array literal {a,b}, or any other non-empty string as one role.
+func parseRoles(raw json.RawMessage) []string {
+	roles := []string{}
+	var arr []any
+	if json.Unmarshal(raw, &arr) == nil {
+		for _, v := range arr {
+			if s, ok := v.(string); ok {
+				roles = append(roles, s)
+			}
+		}
+		return roles
+	}
+	var s string
+	if json.Unmarshal(raw, &s) != nil {
+		return roles
+	}
+	s = strings.TrimSpace(s)
+	switch {
+	case s == "":
+		return roles
+	case strings.HasPrefix(s, "["):
+		return parseRoles(json.RawMessage(s))
+	case strings.HasPrefix(s, "{") && strings.HasSuffix(s, "}"):
+		for _, p := range strings.Split(s[1:len(s)-1], ",") {
+			if p = strings.Trim(strings.TrimSpace(p), `"`); p != "" {
+				roles = append(roles, p)
+			}
+		}
+		return roles
+	}
+	return append(roles, s)
+}
+
+func devUser() User {
+	return User{UserID: 0, Email: "dev@localhost", DisplayName: "Dev User", Roles: []string{"admin"}}
+}
+
+// requireSession resolves the request's session or answers 401/502; the
+// session is then on the request context (sessionFrom).
+func requireSession(res *resolver, next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		token := tokenFromRequest(r)
+		if token == "" && !res.cfg.AuthBypass {
+			writeError(w, r, http.StatusUnauthorized, "Missing authentication token", nil)
+			return
+		}
+		s, err := res.Resolve(r.Context(), token)
+		switch {
+		case errors.Is(err, errSessionUnavailable):
+			writeError(w, r, http.StatusBadGateway, "session validation unavailable", err)
+			return
+		case err != nil:
+			writeError(w, r, http.StatusUnauthorized, "Invalid or expired session", nil)
+			return
+		}
+		if ri := infoFrom(r.Context()); ri != nil {
+			ri.userID = strconv.FormatInt(s.User.UserID, 10)
+		}
+		next.ServeHTTP(w, r.WithContext(withSession(r.Context(), s)))
+	})
 }
