@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -290,3 +291,5 @@ func (f *fakeNoETL) Calls(key string) int {
 	defer f.mu.Unlock()
 	return f.calls[key]
 }
+
+func discardLogger() *slog.Logger { return slog.New(slog.DiscardHandler) }

@@ -199,7 +199,7 @@ type metrics struct {
 
 func newMetrics() *metrics {
 	r := &registry{}
-	return &metrics{
+	m := &metrics{
 		reg:             r,
 		requests:        r.add("gateway_http_requests_total", "HTTP requests by route pattern, method and status.", "counter", nil, "route", "method", "status"),
 		requestDuration: r.add("gateway_http_request_duration_seconds", "HTTP request latency by route pattern and status.", "histogram", latencyBuckets, "route", "status"),
@@ -214,6 +214,11 @@ func newMetrics() *metrics {
 		natsConnected:   r.add("gateway_nats_connected", "1 when the NATS connection is up.", "gauge", nil),
 		authBypass:      r.add("gateway_auth_bypass_enabled", "1 when GATEWAY_AUTH_BYPASS is on.", "gauge", nil),
 	}
+	// Unlabelled gauges exist from the start, so dashboards see 0, not nothing.
+	m.sseConnections.with()
+	m.natsConnected.with()
+	m.authBypass.with()
+	return m
 }
 
 // handleMetrics serves the registry. Who may reach it is decided by

@@ -14,6 +14,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"path"
 	"runtime/debug"
 	"strconv"
 	"strings"
@@ -249,9 +250,14 @@ func withBodyLimit(limit int64, next http.Handler) http.Handler {
 // withJSONMuxErrors makes the mux's own answers JSON: 404 for unknown paths,
 // 405 (with Allow) for known paths with another method, and 400 instead of
 // the redirect ServeMux sends for unclean paths ("//", "/./", "/../"): a
-// gateway never redirects an API client to a path it did not ask for.
+// gateway never redirects an API client to a path it did not ask for, and
+// authorization must see the path the upstream would.
 func withJSONMuxErrors(mux *http.ServeMux) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !isCleanPath(r.URL.Path) {
+			writeError(w, r, http.StatusBadRequest, "invalid path", nil)
+			return
+		}
 		if h, pattern := mux.Handler(r); pattern == "" {
 			rec := &headerRecorder{h: http.Header{}}
 			h.ServeHTTP(rec, r)
@@ -259,8 +265,6 @@ func withJSONMuxErrors(mux *http.ServeMux) http.Handler {
 			case rec.status == http.StatusMethodNotAllowed:
 				w.Header().Set("Allow", rec.h.Get("Allow"))
 				writeError(w, r, http.StatusMethodNotAllowed, "method not allowed", nil)
-			case rec.status >= 300 && rec.status < 400:
-				writeError(w, r, http.StatusBadRequest, "invalid path", nil)
 			default:
 				writeError(w, r, http.StatusNotFound, "not found", nil)
 			}
@@ -268,6 +272,19 @@ func withJSONMuxErrors(mux *http.ServeMux) http.Handler {
 		}
 		mux.ServeHTTP(w, r)
 	})
+}
+
+// isCleanPath reports whether ServeMux would serve p as it is, without
+// redirecting to a cleaned form.
+func isCleanPath(p string) bool {
+	if p == "" || p[0] != '/' {
+		return false
+	}
+	c := path.Clean(p)
+	if p[len(p)-1] == '/' && c != "/" {
+		c += "/"
+	}
+	return c == p
 }
 
 // headerRecorder captures what the mux's fallback handlers would answer.
