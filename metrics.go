@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math"
 	"net/http"
+	rtmetrics "runtime/metrics"
 	"slices"
 	"strconv"
 	"strings"
@@ -228,6 +229,27 @@ func handleMetrics(m *metrics) http.Handler {
 		w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
 		bw := bufio.NewWriter(w)
 		m.reg.write(bw)
+		writeRuntime(bw)
 		bw.Flush()
 	})
+}
+
+// writeRuntime adds the few process figures an operator alerts on
+// (goroutine leaks, heap growth), read at scrape time.
+func writeRuntime(w *bufio.Writer) {
+	samples := []rtmetrics.Sample{
+		{Name: "/sched/goroutines:goroutines"},
+		{Name: "/memory/classes/heap/objects:bytes"},
+		{Name: "/memory/classes/total:bytes"},
+	}
+	rtmetrics.Read(samples)
+	value := func(s rtmetrics.Sample) uint64 {
+		if s.Value.Kind() == rtmetrics.KindUint64 {
+			return s.Value.Uint64()
+		}
+		return 0
+	}
+	fmt.Fprintf(w, "# HELP go_goroutines Number of goroutines.\n# TYPE go_goroutines gauge\ngo_goroutines %d\n", value(samples[0]))
+	fmt.Fprintf(w, "# HELP go_heap_objects_bytes Bytes of live and not yet swept heap objects.\n# TYPE go_heap_objects_bytes gauge\ngo_heap_objects_bytes %d\n", value(samples[1]))
+	fmt.Fprintf(w, "# HELP go_memory_total_bytes All memory mapped by the Go runtime.\n# TYPE go_memory_total_bytes gauge\ngo_memory_total_bytes %d\n", value(samples[2]))
 }
