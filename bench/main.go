@@ -768,4 +768,3 @@ func goVersion() string {
 	out, _ := exec.Command("go", "version").Output()
 	return strings.TrimSpace(string(out))
 }
-
