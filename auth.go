@@ -311,7 +311,24 @@ func handleCheckAccess(res *resolver, ac *accessChecker) http.Handler {
 
 // handleLogout is POST /api/auth/logout (SPEC §5.5). Logging out a token
 // that is already invalid (or logged out) is a success with nothing to do.
+// The session cookie makes it CSRF-able, so cross-origin browser requests
+// are refused unless they come from a CORS-allowed origin.
 func handleLogout(cfg Config, res *resolver, nx *noetlClient) http.Handler {
+	h := logoutHandler(cfg, res, nx)
+	if contains(cfg.CORSOrigins, "*") {
+		return h
+	}
+	cop := http.NewCrossOriginProtection()
+	for _, o := range cfg.CORSOrigins {
+		cop.AddTrustedOrigin(o)
+	}
+	cop.SetDenyHandler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, r, http.StatusForbidden, "cross-origin request refused", nil)
+	}))
+	return cop.Handler(h)
+}
+
+func logoutHandler(cfg Config, res *resolver, nx *noetlClient) http.Handler {
 	type request struct {
 		SessionToken string `json:"session_token"`
 	}

@@ -800,3 +800,56 @@ func TestInternalCallbackGuard(t *testing.T) {
 func discardLogger() *slog.Logger { return slog.New(slog.DiscardHandler) }
 
 func mapEnv(m map[string]string) func(string) string { return func(k string) string { return m[k] } }
+
+// FuzzParseKeySet: the JWKS decoder never panics and never yields a key
+// that is unfit for every allowed algorithm.
+func FuzzParseKeySet(f *testing.F) {
+	for _, k := range []testKey{keyA(), newECKey("e", elliptic.P384(), "ES384"), newEdKey("d")} {
+		raw, _ := json.Marshal(map[string]any{"keys": []any{k.jwk()}})
+		f.Add(raw)
+	}
+	f.Add([]byte(`{"keys":[{"kty":"RSA","n":"AQAB","e":"AQAB"},{"kty":"EC","crv":"P-256","x":"","y":""}]}`))
+	f.Add([]byte(`{"keys":null}`))
+	f.Fuzz(func(t *testing.T, raw []byte) {
+		ks, err := parseKeySet(raw, discardLogger())
+		if err != nil {
+			return
+		}
+		for _, k := range ks.byKid {
+			if len(k.algs) == 0 || k.pub == nil {
+				t.Fatalf("unusable key %+v", k)
+			}
+			if rk, ok := k.pub.(*rsa.PublicKey); ok && rk.N.BitLen() < 2048 {
+				t.Fatal("small RSA key accepted")
+			}
+		}
+	})
+}
+
+// FuzzVerify: whatever the token, verification never panics, never fetches
+// more than the cooldown allows, and only a token signed by the key passes.
+func FuzzVerify(f *testing.F) {
+	p := startIdP(f, keyA())
+	cfg, _ := loadConfig(mapEnv(map[string]string{"OIDC_ISSUER": p.issuer(), "OIDC_JWKS_URL": p.URL + "/jwks", "JWKS_MIN_REFRESH_SECS": "3600"}))
+	v := newVerifier(cfg, discardLogger(), newMetrics(), time.Now)
+	good := sign(f, keyA(), p.claims(nil))
+	if _, err := v.Verify(context.Background(), good); err != nil {
+		f.Fatal(err)
+	}
+	f.Add(good)
+	f.Add(strings.Replace(good, ".", "..", 1))
+	f.Add(`eyJhbGciOiJub25lIn0.e30.`)
+	f.Add(b64([]byte(`{"alg":"RS256","kid":["k1"]}`)) + ".e30.")
+	f.Fuzz(func(t *testing.T, tok string) {
+		_, err := v.Verify(context.Background(), tok)
+		if err == nil && tok != good {
+			// Only re-encodings of the genuine token may pass.
+			if strings.Split(tok, ".")[2] != strings.Split(good, ".")[2] {
+				t.Fatalf("forged token accepted: %q", tok)
+			}
+		}
+		if p.jwksHits.Load() > 2 {
+			t.Fatalf("%d JWKS fetches", p.jwksHits.Load())
+		}
+	})
+}

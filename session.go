@@ -380,6 +380,9 @@ func (res *resolver) lookupKV(ctx context.Context, token string, now time.Time) 
 // store writes s to the K/V cache in the original record layout, with
 // expires_at in RFC 3339.
 func (res *resolver) store(ctx context.Context, s *Session) {
+	if !res.kvUp() {
+		return
+	}
 	raw, err := json.Marshal(recordOf(s))
 	if err != nil {
 		return

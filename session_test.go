@@ -602,3 +602,24 @@ func TestNATSOutage(t *testing.T) {
 		t.Fatalf("session not cached in K/V after NATS came back: %v", err)
 	}
 }
+
+// TestLogoutCrossOrigin: a foreign site cannot log a user out through the
+// session cookie; the configured UI origins can.
+func TestLogoutCrossOrigin(t *testing.T) {
+	t.Parallel()
+	f := startNoETL(t)
+	tok := "0123456789abcdef0123456789abcdef"
+	f.addSession(tok, ada, time.Now().Add(time.Hour))
+	g := startGateway(t, map[string]string{"NOETL_BASE_URL": f.URL})
+	hdr := map[string]string{"Cookie": "session_token=" + tok, "Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site"}
+	if st, _, body := doJSON(t, "POST", g.URL+"/api/auth/logout", nil, hdr); st != 403 || body["error"] != "cross-origin request refused" {
+		t.Fatalf("cross-site logout: %d %v", st, body)
+	}
+	if _, body := validate(t, g.URL, tok); body["valid"] != true {
+		t.Fatal("refused logout revoked the session")
+	}
+	hdr["Origin"] = "http://localhost:3000"
+	if st, _, body := doJSON(t, "POST", g.URL+"/api/auth/logout", nil, hdr); st != 200 {
+		t.Fatalf("UI-origin logout: %d %v", st, body)
+	}
+}
