@@ -81,12 +81,17 @@ func handleLogin(cfg Config, v *verifier, nx *noetlClient, rv *rendezvous, res *
 		} else if len(agent) > 512 {
 			agent = agent[:512]
 		}
+		// The playbook stores client_ip as inet: always send an address.
+		ip := "0.0.0.0"
+		if a := clientIP(r, cfg.TrustedProxies); a.IsValid() {
+			ip = a.String()
+		}
 		payload := map[string]any{
 			"auth0_token":            in.Auth0Token,
 			"auth0_refresh_token":    refresh,
 			"auth0_domain":           domain,
 			"session_duration_hours": hours,
-			"client_ip":              clientIP(r, cfg.TrustedProxies).String(),
+			"client_ip":              ip,
 			"client_user_agent":      agent,
 			"gateway_url":            cfg.PublicURL,
 			"verified_claims": map[string]any{
