@@ -56,9 +56,11 @@ func tokenID(token string) string {
 }
 
 // validTokenShape is the check done before any lookup: 1–256 characters of
-// [A-Za-z0-9._=-] (SPEC §5.3). It also keeps tokens valid as NATS keys.
+// [A-Za-z0-9._=-] (SPEC §5.3). It also keeps tokens valid as NATS keys,
+// which cannot start or end with a dot or hold "..": such a token could be
+// neither cached nor revoked across replicas.
 func validTokenShape(t string) bool {
-	if len(t) == 0 || len(t) > 256 {
+	if len(t) == 0 || len(t) > 256 || t[0] == '.' || t[len(t)-1] == '.' || strings.Contains(t, "..") {
 		return false
 	}
 	for i := 0; i < len(t); i++ {

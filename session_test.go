@@ -72,6 +72,8 @@ func TestRequireSessionTokenSources(t *testing.T) {
 		{"basic auth", func(r *http.Request) { r.SetBasicAuth("a", "b") }, 401},
 		{"bad shape", func(r *http.Request) { r.Header.Set("X-Session-Token", "a;b/c") }, 401},
 		{"too long", func(r *http.Request) { r.Header.Set("X-Session-Token", fmt.Sprintf("%0300d", 1)) }, 401},
+		{"not a NATS key", func(r *http.Request) { r.Header.Set("X-Session-Token", "abc..def") }, 401},
+		{"leading dot", func(r *http.Request) { r.Header.Set("X-Session-Token", ".abcdef") }, 401},
 		{"duplicate authorization", func(r *http.Request) {
 			r.Header.Add("Authorization", "Bearer "+tok)
 			r.Header.Add("Authorization", "Bearer ffffffffffffffffffffffffffffffff")
