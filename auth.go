@@ -502,6 +502,9 @@ func (ac *accessChecker) ask(ctx context.Context, token, path, action string) (a
 			return accessDecision{}, fmt.Errorf("check access: %w", err)
 		}
 	} else {
+		if ac.rv == nil {
+			return accessDecision{}, errors.New("check access: no playbook rendezvous")
+		}
 		msg, err := ac.rv.runPlaybook(ctx, ac.noetl, ac.cfg.PlaybookCheckAccess,
 			map[string]any{"session_token": token, "playbook_path": path, "action": action})
 		if err != nil {

@@ -219,7 +219,7 @@ type jwksCache struct {
 
 func newJWKSCache(cfg Config, log *slog.Logger, m *metrics) *jwksCache {
 	tr := &http.Transport{
-		Proxy:                 http.ProxyFromEnvironment,
+		Proxy:                 nil, // configuration comes from Config only, never the environment
 		DialContext:           (&net.Dialer{Timeout: 5 * time.Second}).DialContext,
 		TLSHandshakeTimeout:   5 * time.Second,
 		ResponseHeaderTimeout: jwksTimeout,
