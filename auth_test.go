@@ -617,6 +617,18 @@ func TestJWKSRotationAndFlood(t *testing.T) {
 	if n := p.jwksHits.Load() - before; n != 0 || time.Since(start) > 5*time.Second {
 		t.Fatalf("flood caused %d fetches in %v", n, time.Since(start))
 	}
+	resp, err := http.Get(g.URL + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	metricsText, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	for _, want := range []string{`gateway_id_token_verifications_total{outcome="invalid"} 50`, `gateway_id_token_verifications_total{outcome="ok"} 2`,
+		`gateway_jwks_fetches_total{outcome="ok"} 2`, `gateway_logins_total{outcome="invalid_token"} 50`} {
+		if !strings.Contains(string(metricsText), want) {
+			t.Errorf("metrics lack %s", want)
+		}
+	}
 
 	t.Run("flood on a fresh gateway fetches once", func(t *testing.T) {
 		p := startIdP(t, keyA())
