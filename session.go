@@ -29,6 +29,15 @@ type Session struct {
 	ExpiresAt time.Time
 }
 
+// LogValue keeps the token out of logs when a Session is logged whole: it
+// is named by tokenID only.
+func (s *Session) LogValue() slog.Value {
+	if s == nil {
+		return slog.Value{}
+	}
+	return slog.GroupValue(slog.String("session", tokenID(s.Token)), slog.Int64("user_id", s.User.UserID))
+}
+
 // sessionRecord is the value layout of the NATS K/V "sessions" bucket, as
 // the original gateway and the auth playbooks write it (REFERENCE §3.2).
 type sessionRecord struct {

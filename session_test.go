@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"net/http/httputil"
@@ -623,5 +624,16 @@ func TestLogoutCrossOrigin(t *testing.T) {
 	hdr["Origin"] = "http://localhost:3000"
 	if st, _, body := doJSON(t, "POST", g.URL+"/api/auth/logout", nil, hdr); st != 200 {
 		t.Fatalf("UI-origin logout: %d %v", st, body)
+	}
+}
+
+func TestSessionLogValueHidesToken(t *testing.T) {
+	t.Parallel()
+	var buf strings.Builder
+	log := slog.New(slog.NewJSONHandler(&buf, nil))
+	s := &Session{Token: "0123456789abcdef0123456789abcdef", User: ada}
+	log.Info("x", "s", s)
+	if strings.Contains(buf.String(), s.Token) || !strings.Contains(buf.String(), tokenID(s.Token)) {
+		t.Fatalf("log line %s", buf.String())
 	}
 }
