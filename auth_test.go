@@ -430,6 +430,9 @@ func TestLoginPlaybook(t *testing.T) {
 		pl["callback_subject"] != "noetl.callbacks."+pl["request_id"].(string) {
 		t.Fatalf("request_id/callback_subject %v %v", pl["request_id"], pl["callback_subject"])
 	}
+	if logs := g.Logs.String(); strings.Contains(logs, fmt.Sprintf("%032x", 1)) || strings.Contains(logs, pl["auth0_token"].(string)) {
+		t.Fatal("a token reached the logs")
+	}
 	// The login cached the session: validating it needs no NoETL call.
 	st, _, body := doJSON(t, "POST", g.URL+"/api/auth/validate", map[string]any{"session_token": fmt.Sprintf("%032x", 1)}, nil)
 	if st != 200 || body["valid"] != true || f.Calls("POST /api/auth/session/validate") != 0 {

@@ -512,6 +512,13 @@ func TestTwoReplicas(t *testing.T) {
 		}
 	})
 
+	t.Run("tokens never logged", func(t *testing.T) {
+		for _, g := range []*gateway{gA, gB} {
+			if strings.Contains(g.Logs.String(), tok) {
+				t.Fatal("session token in the logs")
+			}
+		}
+	})
 	t.Run("callback nobody waits for", func(t *testing.T) {
 		st, _, body := doJSON(t, "POST", gA.URL+"/api/internal/callback", map[string]any{"request_id": "d1b7a0a2-0000-4000-8000-000000000000", "data": nil}, nil)
 		if st != 200 || body["delivered"] != false {
