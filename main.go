@@ -42,6 +42,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"github.com/nats-io/nats.go"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".
@@ -67,9 +69,11 @@ type app struct {
 	revoked  kvStore // NATS_REVOCATION_BUCKET
 	requests kvStore // NATS_REQUEST_BUCKET
 
-	noetl    *noetlClient
-	resolver *resolver
-	access   *accessChecker
+	noetl      *noetlClient
+	resolver   *resolver
+	access     *accessChecker
+	verifier   *verifier   // nil when no identity provider is configured
+	rendezvous *rendezvous // auth playbook callbacks (SPEC §7.1)
 }
 
 func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
@@ -121,8 +125,25 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		a.requests = a.nats.kv(cfg.RequestBucket, "Pending async playbook requests", cfg.RequestTTL)
 	}
 	a.noetl = newNoETLClient(cfg)
-	a.resolver = &resolver{cfg: cfg, sessions: a.sessions, revoked: a.revoked, noetl: a.noetl, metrics: a.metrics, now: time.Now}
-	a.access = &accessChecker{cfg: cfg, noetl: a.noetl}
+	var nc *nats.Conn
+	kvUp := func() bool { return true }
+	if a.nats != nil {
+		nc = a.nats.nc
+		kvUp = nc.IsConnected
+	}
+	a.rendezvous = newRendezvous(cfg, nc, log, a.metrics)
+	if err := a.rendezvous.start(ctx); err != nil {
+		a.nats.drain(context.Background())
+		return err
+	}
+	a.resolver = newResolver(cfg, a.sessions, a.revoked, a.noetl, a.rendezvous, a.metrics, log, kvUp)
+	a.resolver.start(ctx)
+	a.access = newAccessChecker(cfg, a.noetl, a.rendezvous, a.metrics)
+	a.resolver.OnRevoke(a.access.forget)
+	if cfg.IdentityConfigured() {
+		a.verifier = newVerifier(cfg, log, a.metrics, time.Now)
+		go a.verifier.jwks.run(ctx)
+	}
 	log.Info("starting", "version", version, "config", cfg)
 
 	// streams ends every long-lived handler (SSE) at shutdown; Shutdown
@@ -255,16 +276,16 @@ func routes(public, internal *http.ServeMux, a *app, streams context.Context) {
 	public.Handle("GET /health", handleHealth())
 	public.Handle("GET /ready", handleReady(a))
 
-	public.Handle("POST /api/auth/login", notImplemented())
-	public.Handle("POST /api/auth/validate", notImplemented())
-	public.Handle("POST /api/auth/check-access", notImplemented())
-	public.Handle("POST /api/auth/logout", notImplemented())
+	public.Handle("POST /api/auth/login", handleLogin(cfg, a.verifier, a.noetl, a.rendezvous, a.resolver, a.metrics))
+	public.Handle("POST /api/auth/validate", handleValidate(a.resolver))
+	public.Handle("POST /api/auth/check-access", handleCheckAccess(a.resolver, a.access))
+	public.Handle("POST /api/auth/logout", handleLogout(cfg, a.resolver, a.noetl))
 	public.Handle("GET /events", notImplemented())
 	public.Handle("GET /graphql", notImplemented())
 	public.Handle("POST /graphql", notImplemented())
 	public.Handle("/noetl/{path...}", notImplemented())
 
-	internal.Handle("POST /api/internal/callback", internalOnly(cfg, onInternal, notImplemented()))
+	internal.Handle("POST /api/internal/callback", internalOnly(cfg, onInternal, handleAuthCallback(a.rendezvous)))
 	internal.Handle("POST /api/internal/callback/async", internalOnly(cfg, onInternal, notImplemented()))
 	internal.Handle("POST /api/internal/progress", internalOnly(cfg, onInternal, notImplemented()))
 	metricsH := handleMetrics(a.metrics)
