@@ -9,7 +9,7 @@ import (
 
 func benchVerify(b *testing.B, k testKey) {
 	p := startIdP(b, k)
-	cfg, err := loadConfig(mapEnv(map[string]string{"OIDC_ISSUER": p.issuer(), "AUTH0_CLIENT_ID": "client-1", "JWT_ALGORITHMS": k.alg}))
+	cfg, err := loadConfig(envOf(map[string]string{"OIDC_ISSUER": p.issuer(), "AUTH0_CLIENT_ID": "client-1", "JWT_ALGORITHMS": k.alg}))
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -77,7 +77,7 @@ func BenchmarkResolveKVHit(b *testing.B) {
 	})
 	b.Run("nats", func(b *testing.B) {
 		ns := startNATS(b)
-		cfg, _ := loadConfig(mapEnv(map[string]string{"NATS_URL": ns.URL()}))
+		cfg, _ := loadConfig(envOf(map[string]string{"NATS_URL": ns.URL()}))
 		m := newMetrics()
 		c, err := connectNATS(cfg, discardLogger(), m)
 		if err != nil {

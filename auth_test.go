@@ -14,7 +14,6 @@ import (
 	"encoding/pem"
 	"fmt"
 	"io"
-	"log/slog"
 	"math/big"
 	"net/http"
 	"net/http/httptest"
@@ -687,7 +686,7 @@ func TestInternalCallbackGuard(t *testing.T) {
 		}
 	}
 
-	cfg, _ := loadConfig(mapEnv(nil))
+	cfg, _ := loadConfig(envOf(nil))
 	rv := newRendezvous(cfg, nil, discardLogger(), newMetrics())
 	h := internalOnly(cfg, false, handleAuthCallback(rv))
 	id, ch, done := rv.register()
@@ -716,6 +715,3 @@ func TestInternalCallbackGuard(t *testing.T) {
 	}
 }
 
-func discardLogger() *slog.Logger { return slog.New(slog.DiscardHandler) }
-
-func mapEnv(m map[string]string) func(string) string { return func(k string) string { return m[k] } }

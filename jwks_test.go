@@ -21,7 +21,7 @@ func TestVerifierKeyTypes(t *testing.T) {
 	ed := newEdKey("ed")
 	ps := testKey{kid: "ps", alg: "PS256", priv: rsaKeyB()}
 	p := startIdP(t, keyA(), es256, es384, es512, ed, ps)
-	cfg, err := loadConfig(mapEnv(map[string]string{"OIDC_ISSUER": p.issuer(), "OIDC_JWKS_URL": p.URL + "/jwks",
+	cfg, err := loadConfig(envOf(map[string]string{"OIDC_ISSUER": p.issuer(), "OIDC_JWKS_URL": p.URL + "/jwks",
 		"AUTH0_AUDIENCE": "api-1,client-1", "JWT_ALGORITHMS": "RS256,PS256,ES256,ES384,ES512,EdDSA"}))
 	if err != nil {
 		t.Fatal(err)
@@ -135,7 +135,7 @@ func FuzzParseKeySet(f *testing.F) {
 // more than the cooldown allows, and only a token signed by the key passes.
 func FuzzVerify(f *testing.F) {
 	p := startIdP(f, keyA())
-	cfg, _ := loadConfig(mapEnv(map[string]string{"OIDC_ISSUER": p.issuer(), "OIDC_JWKS_URL": p.URL + "/jwks", "JWKS_MIN_REFRESH_SECS": "3600"}))
+	cfg, _ := loadConfig(envOf(map[string]string{"OIDC_ISSUER": p.issuer(), "OIDC_JWKS_URL": p.URL + "/jwks", "JWKS_MIN_REFRESH_SECS": "3600"}))
 	v := newVerifier(cfg, discardLogger(), newMetrics(), time.Now)
 	good := sign(f, keyA(), p.claims(nil))
 	if _, err := v.Verify(context.Background(), good); err != nil {

@@ -30,7 +30,7 @@ func inProcessResolver(t testing.TB, f *fakeNoETL, env map[string]string) *resol
 	for k, v := range env {
 		e[k] = v
 	}
-	cfg, err := loadConfig(mapEnv(e))
+	cfg, err := loadConfig(envOf(e))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -391,7 +391,7 @@ func TestCheckAccess(t *testing.T) {
 			t.Fatalf("%d %v", st, body)
 		}
 		// Allowed (the proxy's and GraphQL's seam) shares the cache.
-		cfg, _ := loadConfig(mapEnv(map[string]string{"NOETL_BASE_URL": f.URL, "AUTH_MODE": "sync"}))
+		cfg, _ := loadConfig(envOf(map[string]string{"NOETL_BASE_URL": f.URL, "AUTH_MODE": "sync"}))
 		ac := newAccessChecker(cfg, newNoETLClient(cfg), nil, newMetrics())
 		s := &Session{Token: tok, User: ada}
 		before := f.Calls("POST /api/auth/check-playbook-access")
@@ -535,7 +535,7 @@ func TestOnRevokeAcrossReplicas(t *testing.T) {
 	f := startNoETL(t)
 	tok := "dddddddddddddddddddddddddddddddd"
 	f.addSession(tok, ada, time.Now().Add(time.Hour))
-	cfg, _ := loadConfig(mapEnv(map[string]string{"NATS_URL": ns.URL(), "NOETL_BASE_URL": f.URL}))
+	cfg, _ := loadConfig(envOf(map[string]string{"NATS_URL": ns.URL(), "NOETL_BASE_URL": f.URL}))
 	mk := func() *resolver {
 		m := newMetrics()
 		c, err := connectNATS(cfg, discardLogger(), m)
