@@ -714,4 +714,3 @@ func TestInternalCallbackGuard(t *testing.T) {
 		t.Fatal("loopback callback not delivered")
 	}
 }
-
