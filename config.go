@@ -104,6 +104,11 @@ type Config struct {
 	SessionCacheTTL time.Duration
 	// RevocationBucket is NATS_REVOCATION_BUCKET, default revoked_sessions.
 	RevocationBucket string
+	// NearCacheTTL is SESSION_NEAR_CACHE_TTL_SECS, default 15: how long a
+	// replica keeps a resolved session in memory before asking K/V again
+	// (never past its expiry; K/V watchers evict changed entries at once).
+	// 0 turns the near cache off.
+	NearCacheTTL time.Duration
 	// SessionMaxLifetime is SESSION_MAX_LIFETIME_HOURS, default 24: the TTL of
 	// logout tombstones, the longest a session can live.
 	SessionMaxLifetime time.Duration
@@ -358,6 +363,7 @@ func loadConfig(getenv func(string) string) (Config, error) {
 	c.NATSPassword = e.getenv("NATS_PASSWORD")
 	c.SessionBucket = e.match("NATS_SESSION_BUCKET", "sessions", bucketName)
 	c.SessionCacheTTL = e.secs("NATS_SESSION_CACHE_TTL_SECS", 300, 1)
+	c.NearCacheTTL = e.secs("SESSION_NEAR_CACHE_TTL_SECS", 15, 0)
 	c.RevocationBucket = e.match("NATS_REVOCATION_BUCKET", "revoked_sessions", bucketName)
 	c.SessionMaxLifetime = time.Duration(e.integer("SESSION_MAX_LIFETIME_HOURS", 24, 1, 24*365)) * time.Hour
 	c.RequestBucket = e.match("NATS_REQUEST_BUCKET", "requests", bucketName)

@@ -139,13 +139,13 @@ type resolver struct {
 	mNearHit, mNearNeg *series
 }
 
-// Near-cache tuning. Entries live at most nearTTL (and never past the
-// session's expires_at); the K/V watchers make changes visible before that.
+// Near-cache tuning. Entries live at most SESSION_NEAR_CACHE_TTL_SECS (and
+// never past the session's expires_at); the K/V watchers make changes
+// visible before that.
 // Invalid tokens are remembered for nearNegTTL so a client retrying a bad
 // token cannot hammer NoETL. kvTimeout bounds a K/V call, so a sick NATS
 // costs a request at most that much before it degrades to NoETL.
 const (
-	nearTTL     = 15 * time.Second
 	nearNegTTL  = 5 * time.Second
 	nearMax     = 100_000
 	kvTimeout   = 500 * time.Millisecond
@@ -157,7 +157,7 @@ func newResolver(cfg Config, sessions, revoked kvStore, nx *noetlClient, rv *ren
 		kvUp = func() bool { return true }
 	}
 	return &resolver{cfg: cfg, sessions: sessions, revoked: revoked, noetl: nx, rv: rv, metrics: m, log: log.With("component", "sessions"),
-		now: time.Now, kvUp: kvUp, near: newNearCache(nearMax, min(nearTTL, cfg.SessionCacheTTL)),
+		now: time.Now, kvUp: kvUp, near: newNearCache(nearMax, min(cfg.NearCacheTTL, cfg.SessionCacheTTL)),
 		flights: map[string]*flight{}, mNearHit: m.sessionLookups.with("near_hit"), mNearNeg: m.sessionLookups.with("near_invalid")}
 }
 
