@@ -262,7 +262,7 @@ func routes(public, internal *http.ServeMux, a *app, streams context.Context) {
 	public.Handle("GET /events", notImplemented())
 	public.Handle("GET /graphql", notImplemented())
 	public.Handle("POST /graphql", notImplemented())
-	public.Handle("/noetl/{path...}", notImplemented())
+	public.Handle("/noetl/{path...}", requireSession(a.resolver, handleProxy(cfg, a.log, a.access)))
 
 	internal.Handle("POST /api/internal/callback", internalOnly(cfg, onInternal, notImplemented()))
 	internal.Handle("POST /api/internal/callback/async", internalOnly(cfg, onInternal, notImplemented()))

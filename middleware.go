@@ -14,6 +14,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"path"
 	"runtime/debug"
 	"strconv"
 	"strings"
@@ -252,6 +253,13 @@ func withBodyLimit(limit int64, next http.Handler) http.Handler {
 // gateway never redirects an API client to a path it did not ask for.
 func withJSONMuxErrors(mux *http.ServeMux) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		// For an unclean path mux.Handler returns its redirect together with
+		// the pattern the cleaned path would match, so the redirect is caught
+		// here rather than by pattern == "".
+		if r.Method != http.MethodConnect && !cleanURLPath(r.URL.Path) {
+			writeError(w, r, http.StatusBadRequest, "invalid path", nil)
+			return
+		}
 		if h, pattern := mux.Handler(r); pattern == "" {
 			rec := &headerRecorder{h: http.Header{}}
 			h.ServeHTTP(rec, r)
@@ -268,6 +276,19 @@ func withJSONMuxErrors(mux *http.ServeMux) http.Handler {
 		}
 		mux.ServeHTTP(w, r)
 	})
+}
+
+// cleanURLPath reports whether ServeMux would serve p without redirecting it
+// to a cleaned form: no empty, "." or ".." segments (a trailing slash is fine).
+func cleanURLPath(p string) bool {
+	if p == "" || p[0] != '/' {
+		return false
+	}
+	c := path.Clean(p)
+	if strings.HasSuffix(p, "/") && c != "/" {
+		c += "/"
+	}
+	return c == p
 }
 
 // headerRecorder captures what the mux's fallback handlers would answer.
