@@ -85,7 +85,9 @@ func startProxyEnv(t *testing.T, env map[string]string) (*fakeNoETL, *gateway, *
 	return noetl, startGateway(t, e), log
 }
 
-func authHeaders() map[string]string { return map[string]string{"Authorization": "Bearer " + testToken} }
+func authHeaders() map[string]string {
+	return map[string]string{"Authorization": "Bearer " + testToken}
+}
 
 func TestProxyForwardsWithIdentity(t *testing.T) {
 	t.Parallel()
