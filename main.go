@@ -260,8 +260,9 @@ func routes(public, internal *http.ServeMux, a *app, streams context.Context) {
 	public.Handle("POST /api/auth/check-access", notImplemented())
 	public.Handle("POST /api/auth/logout", notImplemented())
 	public.Handle("GET /events", notImplemented())
-	public.Handle("GET /graphql", notImplemented())
-	public.Handle("POST /graphql", notImplemented())
+	schema := newGatewaySchema(cfg, a.noetl, a.access, a.requests)
+	public.Handle("GET /graphql", requireSession(a.resolver, handleGraphiQL()))
+	public.Handle("POST /graphql", requireSession(a.resolver, handleGraphQL(schema)))
 	public.Handle("/noetl/{path...}", requireSession(a.resolver, handleProxy(cfg, a.log, a.access)))
 
 	internal.Handle("POST /api/internal/callback", internalOnly(cfg, onInternal, notImplemented()))
