@@ -372,7 +372,9 @@ func (s *gqlSchema) addIntrospection() {
 		}},
 		{name: "type", typ: nonNull(typ), resolve: func(_ *execCtx, p any, _ map[string]any) (any, error) { return p.(*gqlInputValue).typ, nil }},
 		{name: "defaultValue", description: "A GraphQL-formatted string representing the default value for this input value.", typ: str,
-			resolve: func(_ *execCtx, p any, _ map[string]any) (any, error) { return nilIfEmpty(p.(*gqlInputValue).defaultText), nil }},
+			resolve: func(_ *execCtx, p any, _ map[string]any) (any, error) {
+				return nilIfEmpty(p.(*gqlInputValue).defaultText), nil
+			}},
 		{name: "isDeprecated", typ: nonNull(boolean), resolve: func(*execCtx, any, map[string]any) (any, error) { return false, nil }},
 		{name: "deprecationReason", typ: str, resolve: func(*execCtx, any, map[string]any) (any, error) { return nil, nil }},
 	}
