@@ -488,7 +488,12 @@ func coerceLiteral(val *gqlValue, t *gqlType, vars map[string]any) (any, *gqlErr
 		if val.kind == valNull {
 			return bad()
 		}
-		return coerceLiteral(val, t.ofType, vars)
+		x, err := coerceLiteral(val, t.ofType, vars)
+		if err != nil && err.Locations[0] == val.loc && strings.HasPrefix(err.Message, "Expected value of type") {
+			// Name the type as written, "String!" rather than "String".
+			return bad()
+		}
+		return x, err
 	}
 	if val.kind == valNull {
 		return nil, nil
