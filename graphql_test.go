@@ -532,9 +532,9 @@ type introInput struct {
 }
 
 type introType struct {
-	Kind        string
-	Name        *string
-	Fields      []struct {
+	Kind   string
+	Name   *string
+	Fields []struct {
 		Name string
 		Args []introInput
 		Type *introRef
