@@ -1,10 +1,5 @@
 package main
 
-import (
-	"encoding/json"
-	"strings"
-)
-
 // The GraphQL type system the executor runs against, and the introspection
 // types (__Schema, __Type, ...) that let GraphiQL and client libraries
 // discover it. The schema is built once per app by newGatewaySchema; nothing
@@ -430,56 +425,4 @@ func (s *gqlSchema) introspectionFields() []*gqlField {
 				return nil, nil
 			}},
 	}
-}
-
-// printSDL renders the non-built-in part of the schema as SDL, for docs and
-// the README.
-func (s *gqlSchema) printSDL() string {
-	var b strings.Builder
-	args := func(ivs []*gqlInputValue) string {
-		if len(ivs) == 0 {
-			return ""
-		}
-		parts := make([]string, len(ivs))
-		for i, iv := range ivs {
-			parts[i] = iv.name + ": " + iv.typ.String()
-			if iv.defaultText != "" {
-				parts[i] += " = " + iv.defaultText
-			}
-		}
-		return "(" + strings.Join(parts, ", ") + ")"
-	}
-	b.WriteString("schema {\n  query: " + s.query.name + "\n  mutation: " + s.mutation.name + "\n}\n")
-	for _, t := range s.types {
-		if strings.HasPrefix(t.name, "__") || t.kind == kindScalar && t.specifiedByURL == "" && t.description == "" ||
-			t.name == "String" || t.name == "Boolean" || t.name == "Int" || t.name == "Float" || t.name == "ID" {
-			continue
-		}
-		b.WriteString("\n")
-		if t.description != "" {
-			desc, _ := json.Marshal(t.description)
-			b.Write(desc)
-			b.WriteString("\n")
-		}
-		switch t.kind {
-		case kindScalar:
-			b.WriteString("scalar " + t.name + "\n")
-		case kindObject:
-			b.WriteString("type " + t.name + " {\n")
-			for _, f := range t.fields {
-				if strings.HasPrefix(f.name, "__") {
-					continue
-				}
-				b.WriteString("  " + f.name + args(f.args) + ": " + f.typ.String() + "\n")
-			}
-			b.WriteString("}\n")
-		case kindInputObject:
-			b.WriteString("input " + t.name + " {\n")
-			for _, f := range t.inputFields {
-				b.WriteString("  " + f.name + ": " + f.typ.String() + "\n")
-			}
-			b.WriteString("}\n")
-		}
-	}
-	return b.String()
 }
