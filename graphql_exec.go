@@ -49,8 +49,18 @@ type gqlObject struct {
 	vals []any
 }
 
+// MarshalJSON writes the whole tree in one pass: letting encoding/json
+// recurse through nested MarshalJSON calls would re-compact every nested
+// object once per level.
 func (o *gqlObject) MarshalJSON() ([]byte, error) {
 	var b bytes.Buffer
+	if err := o.encode(&b); err != nil {
+		return nil, err
+	}
+	return b.Bytes(), nil
+}
+
+func (o *gqlObject) encode(b *bytes.Buffer) error {
 	b.WriteByte('{')
 	for i, k := range o.keys {
 		if i > 0 {
@@ -59,14 +69,41 @@ func (o *gqlObject) MarshalJSON() ([]byte, error) {
 		kb, _ := json.Marshal(k)
 		b.Write(kb)
 		b.WriteByte(':')
-		vb, err := json.Marshal(o.vals[i])
-		if err != nil {
-			return nil, err
+		if err := encodeResult(b, o.vals[i]); err != nil {
+			return err
 		}
-		b.Write(vb)
 	}
 	b.WriteByte('}')
-	return b.Bytes(), nil
+	return nil
+}
+
+func encodeResult(b *bytes.Buffer, v any) error {
+	switch x := v.(type) {
+	case *gqlObject:
+		return x.encode(b)
+	case []any:
+		b.WriteByte('[')
+		for i, item := range x {
+			if i > 0 {
+				b.WriteByte(',')
+			}
+			if err := encodeResult(b, item); err != nil {
+				return err
+			}
+		}
+		b.WriteByte(']')
+		return nil
+	case nil:
+		b.WriteString("null")
+		return nil
+	case string:
+		sb, _ := json.Marshal(x)
+		b.Write(sb)
+		return nil
+	}
+	vb, err := json.Marshal(v)
+	b.Write(vb)
+	return err
 }
 
 // gqlRequest is the GraphQL-over-HTTP request body.
