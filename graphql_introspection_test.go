@@ -313,7 +313,6 @@ type introType struct {
 	EnumValues  []struct{ Name string }
 }
 
-
 func BenchmarkGraphQLIntrospection(b *testing.B) {
 	s := testSchema(b)
 	for b.Loop() {
