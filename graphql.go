@@ -107,7 +107,8 @@ func executePlaybook(ec *execCtx, cfg Config, noetl *noetlClient, access *access
 	if cfg.AuthzEnforce {
 		allowed, err := access.Allowed(ctx, s, name, "execute")
 		if err != nil {
-			return nil, fmt.Errorf("access check for %s: %w", name, err)
+			loggerFrom(ec.r).Error("executePlaybook: access check failed", "playbook", name, "session", tokenID(s.Token), "err", err)
+			return nil, publicError("access check unavailable")
 		}
 		if !allowed {
 			return nil, publicError("permission denied")
@@ -128,7 +129,8 @@ func executePlaybook(ec *execCtx, cfg Config, noetl *noetlClient, access *access
 		case errors.Is(err, errClientTaken):
 			return nil, publicError("clientId belongs to another session")
 		case err != nil:
-			return nil, fmt.Errorf("claiming client %s: %w", clientID, err)
+			loggerFrom(ec.r).Error("executePlaybook: claiming client id", "client_id", clientID, "err", err)
+			return nil, publicError("request store unavailable")
 		}
 		rid = newUUID()
 		if m, ok := payload.(map[string]any); ok {
@@ -140,7 +142,8 @@ func executePlaybook(ec *execCtx, cfg Config, noetl *noetlClient, access *access
 		rec = requestRecord{ClientID: clientID, SessionToken: s.Token, PlaybookPath: name, CreatedAt: time.Now().Unix()}
 		raw, _ := json.Marshal(rec)
 		if err := requests.Put(ctx, rid, raw); err != nil {
-			return nil, fmt.Errorf("storing request %s: %w", rid, err)
+			loggerFrom(ec.r).Error("executePlaybook: storing request record", "request", rid, "err", err)
+			return nil, publicError("request store unavailable")
 		}
 	}
 	res, err := noetl.execute(ctx, name, payload)

@@ -269,6 +269,10 @@ func startGQLEnv(t *testing.T, env map[string]string) *gqlEnv {
 		var in map[string]string
 		json.NewDecoder(r.Body).Decode(&in)
 		w.Header().Set("Content-Type", "application/json")
+		if in["playbook_path"] == "broken/playbook" {
+			http.Error(w, "database down", http.StatusInternalServerError)
+			return
+		}
 		fmt.Fprintf(w, `{"allowed":%v}`, !strings.HasPrefix(in["playbook_path"], "secret/") && in["session_token"] != "")
 	})
 	e.noetl.Handle("/api/", func(w http.ResponseWriter, r *http.Request) {
@@ -423,6 +427,7 @@ func TestGraphQLExecutePlaybook(t *testing.T) {
 		{`mutation { executePlaybook(name: "bad name; drop") { id } }`, "invalid playbook name"},
 		{`mutation { executePlaybook(name: "tests/hello", clientId: "no spaces") { id } }`, "invalid clientId"},
 		{`mutation { executePlaybook(name: "missing/playbook") { id } }`, "playbook execution failed"},
+		{`mutation { executePlaybook(name: "broken/playbook") { id } }`, "access check unavailable"},
 	}
 	for _, tc := range cases {
 		res := e.post(t, tc.query, nil)

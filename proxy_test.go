@@ -512,6 +512,10 @@ func TestProxyExecuteAuthorization(t *testing.T) {
 		mu.Lock()
 		checked = append(checked, in)
 		mu.Unlock()
+		if in["playbook_path"] == "broken/playbook" {
+			http.Error(w, "database down", http.StatusInternalServerError)
+			return
+		}
 		w.Header().Set("Content-Type", "application/json")
 		fmt.Fprintf(w, `{"allowed":%v,"user":null,"message":""}`, in["playbook_path"] == "ok/playbook")
 	})
@@ -521,6 +525,9 @@ func TestProxyExecuteAuthorization(t *testing.T) {
 	}
 	if status, m := post(`{"path":"secret/playbook","payload":{}}`); status != http.StatusForbidden || m["error"] != "permission denied" {
 		t.Fatalf("denied: status %d body %v", status, m)
+	}
+	if status, m := post(`{"path":"broken/playbook"}`); status != http.StatusBadGateway || m["error"] != "access check unavailable" {
+		t.Fatalf("failed check: status %d body %v", status, m)
 	}
 	if status, m := post(`{"path":"ok/playbook","PATH":"secret/playbook"}`); status != 200 {
 		t.Fatalf("allowed: status %d body %v", status, m)
