@@ -337,8 +337,7 @@ func (l *lexer) blockString() (token, *gqlError) {
 func blockStringValue(raw string) string {
 	lines := strings.Split(raw, "\n")
 	common := -1
-	for i, line := range lines[1:] {
-		_ = i
+	for _, line := range lines[1:] {
 		indent := len(line) - len(strings.TrimLeft(line, " \t"))
 		if indent < len(line) && (common < 0 || indent < common) {
 			common = indent

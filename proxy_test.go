@@ -389,6 +389,49 @@ func TestProxyStreamedUpload(t *testing.T) {
 	}
 }
 
+// TestProxyUploadStreams proves the body is not buffered: the upstream must
+// see the first part of an upload while the client still holds the rest.
+func TestProxyUploadStreams(t *testing.T) {
+	t.Parallel()
+	noetl, g, _ := startProxyEnv(t, nil)
+	const first = 64 << 10
+	gotFirst := make(chan struct{})
+	done := make(chan int, 1)
+	noetl.Handle("PUT /api/upload", func(w http.ResponseWriter, r *http.Request) {
+		buf := make([]byte, first)
+		n, _ := io.ReadFull(r.Body, buf)
+		if n == first {
+			close(gotFirst)
+		}
+		rest, _ := io.Copy(io.Discard, r.Body)
+		done <- n + int(rest)
+	})
+	pr, pw := io.Pipe()
+	go func() {
+		pw.Write(make([]byte, first))
+		select {
+		case <-gotFirst:
+			pw.Write(make([]byte, 1000))
+			pw.Close()
+		case <-time.After(10 * time.Second):
+			pw.CloseWithError(fmt.Errorf("upstream never saw the first part"))
+		}
+	}()
+	req, _ := http.NewRequest("PUT", g.URL+"/noetl/upload", pr)
+	req.Header.Set("Authorization", "Bearer "+testToken)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Fatalf("status %d", resp.StatusCode)
+	}
+	if n := <-done; n != first+1000 {
+		t.Fatalf("upstream got %d bytes", n)
+	}
+}
+
 func TestProxyRedirectPassedThrough(t *testing.T) {
 	t.Parallel()
 	noetl, g, _ := startProxyEnv(t, nil)
