@@ -65,8 +65,11 @@ type proxyTargetKey struct{}
 func handleProxy(cfg Config, log *slog.Logger, access *accessChecker) http.Handler {
 	base, err := url.Parse(cfg.NoETLBaseURL)
 	if err != nil {
-		// loadConfig validated the URL; this cannot happen at run time.
-		panic("proxy: invalid NOETL_BASE_URL: " + err.Error())
+		// loadConfig validated the URL, so this is unreachable; fail the
+		// requests rather than the process.
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			writeError(w, r, http.StatusBadGateway, "upstream unavailable", err)
+		})
 	}
 	basePath := strings.TrimSuffix(base.Path, "/")
 	rp := &httputil.ReverseProxy{
