@@ -281,9 +281,10 @@ func routes(public, internal *http.ServeMux, a *app, streams context.Context) {
 	public.Handle("POST /api/auth/check-access", handleCheckAccess(a.resolver, a.access))
 	public.Handle("POST /api/auth/logout", handleLogout(cfg, a.resolver, a.noetl))
 	public.Handle("GET /events", notImplemented())
-	public.Handle("GET /graphql", notImplemented())
-	public.Handle("POST /graphql", notImplemented())
-	public.Handle("/noetl/{path...}", notImplemented())
+	schema := newGatewaySchema(cfg, a.noetl, a.access, a.requests)
+	public.Handle("GET /graphql", requireSession(a.resolver, handleGraphiQL()))
+	public.Handle("POST /graphql", requireSession(a.resolver, handleGraphQL(schema)))
+	public.Handle("/noetl/{path...}", requireSession(a.resolver, handleProxy(cfg, a.log, a.access)))
 
 	internal.Handle("POST /api/internal/callback", internalOnly(cfg, onInternal, handleAuthCallback(a.rendezvous)))
 	internal.Handle("POST /api/internal/callback/async", internalOnly(cfg, onInternal, notImplemented()))
