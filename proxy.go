@@ -87,9 +87,11 @@ func handleProxy(cfg Config, log *slog.Logger, access *accessChecker) http.Handl
 			setForwarded(pr, cfg)
 		},
 		Transport: newUpstreamTransport(cfg),
-		// Flush every write: an SSE stream or a long download from NoETL
-		// reaches the client as it comes (SPEC §4), not when a buffer fills.
-		FlushInterval:  -1,
+		// No FlushInterval: ReverseProxy already flushes every write of a
+		// streaming response (text/event-stream, or no Content-Length), so
+		// SSE and long downloads from NoETL pass as they come (SPEC §4),
+		// while a small JSON reply goes out in one write instead of a
+		// header write plus a body write.
 		ErrorLog:       slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 		ErrorHandler:   proxyError,
 		ModifyResponse: cleanUpstreamResponse,

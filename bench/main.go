@@ -54,6 +54,7 @@ type options struct {
 	sseRate    int
 	sseSeconds int
 	target     string
+	bin        string
 }
 
 func main() {
@@ -68,8 +69,16 @@ func main() {
 	flag.IntVar(&o.sseConns, "sse", 10000, "idle SSE connections")
 	flag.IntVar(&o.sseRate, "sse-rate", 1000, "worker callbacks per second over the SSE connections")
 	flag.IntVar(&o.sseSeconds, "sse-seconds", 10, "seconds of callback load")
+	flag.StringVar(&o.bin, "bin", "", "use this gateway binary instead of building one (e.g. a profiling build)")
+	serveControl := flag.String("serve-control", "", "internal: run only the control proxy in front of this backend URL")
 	flag.StringVar(&o.target, "target", "", "URL prefix of another proxy in front of the same backend path /noetl/bench (optional)")
 	flag.Parse()
+	if *serveControl != "" {
+		// The control runs as its own process, like the gateway, so both
+		// pay the same cross-process scheduling on the way to the backend.
+		fmt.Println(startControl(*serveControl))
+		select {}
+	}
 	if *quick {
 		o.duration, o.warmup, o.rounds, o.sseConns, o.sseSeconds = time.Second, 200*time.Millisecond, 3, 2000, 3
 	}
@@ -109,14 +118,21 @@ func runBench(o options) error {
 		return err
 	}
 	be := startBackend(idp)
-	control := startControl(be.url)
+	control, stopControl, err := startControlProcess(be.url)
+	if err != nil {
+		return err
+	}
+	defer stopControl()
 
-	bin := filepath.Join(tmp, "gateway")
-	build := exec.Command("go", "build", "-o", bin, ".")
-	build.Dir = moduleRoot()
-	build.Stderr = os.Stderr
-	if err := build.Run(); err != nil {
-		return fmt.Errorf("building the gateway: %w", err)
+	bin := o.bin
+	if bin == "" {
+		bin = filepath.Join(tmp, "gateway")
+		build := exec.Command("go", "build", "-o", bin, ".")
+		build.Dir = moduleRoot()
+		build.Stderr = os.Stderr
+		if err := build.Run(); err != nil {
+			return fmt.Errorf("building the gateway: %w", err)
+		}
 	}
 	env := map[string]string{
 		"NATS_URL": natsURL, "NOETL_BASE_URL": be.url, "GATEWAY_BIND": "127.0.0.1",
@@ -683,6 +699,29 @@ func startBackend(idp *idp) *backend {
 	})
 	b.url = serve(mux)
 	return b
+}
+
+// startControlProcess runs this program again as the control proxy.
+func startControlProcess(backendURL string) (string, func(), error) {
+	self, err := os.Executable()
+	if err != nil {
+		return "", nil, err
+	}
+	cmd := exec.Command(self, "-serve-control", backendURL)
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		return "", nil, err
+	}
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		return "", nil, err
+	}
+	line, err := bufio.NewReader(out).ReadString('\n')
+	if err != nil {
+		cmd.Process.Kill()
+		return "", nil, fmt.Errorf("control proxy: %w", err)
+	}
+	return strings.TrimSpace(line), func() { cmd.Process.Kill(); cmd.Wait() }, nil
 }
 
 // startControl is the baseline: a bare ReverseProxy of a few lines.
