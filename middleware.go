@@ -26,7 +26,8 @@ import (
 // on the context once, so inner layers never need to clone the request for it.
 type reqInfo struct {
 	id     string
-	log    *slog.Logger // carries request_id
+	base   *slog.Logger
+	log    *slog.Logger // base with request_id, built on first use
 	userID string       // set by the session middleware, for the access log
 }
 
@@ -43,6 +44,11 @@ func infoFrom(ctx context.Context) *reqInfo {
 // request (tests calling handlers directly).
 func loggerFrom(r *http.Request) *slog.Logger {
 	if ri := infoFrom(r.Context()); ri != nil {
+		// Most requests never log beyond the access line, so the
+		// request-scoped logger is only built when someone asks.
+		if ri.log == nil {
+			ri.log = ri.base.With("request_id", ri.id)
+		}
 		return ri.log
 	}
 	return slog.New(slog.DiscardHandler)
@@ -115,7 +121,7 @@ func withRequestLog(log *slog.Logger, m *metrics, next http.Handler) http.Handle
 			id = newID()
 		}
 		w.Header().Set("X-Request-Id", id)
-		ri := &reqInfo{id: id, log: log.With("request_id", id)}
+		ri := &reqInfo{id: id, base: log}
 		r = r.WithContext(context.WithValue(r.Context(), reqInfoKey{}, ri))
 		sw := &statusWriter{ResponseWriter: w}
 		defer func() {
