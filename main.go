@@ -70,6 +70,7 @@ type app struct {
 	noetl    *noetlClient
 	resolver *resolver
 	access   *accessChecker
+	broker   *broker // SSE connections and the event log (events.go)
 }
 
 func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
@@ -129,6 +130,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	// itself never interrupts active connections.
 	streams, endStreams := context.WithCancel(context.Background())
 	defer endStreams()
+	a.broker = newBroker(streams, cfg, log, a.metrics, a.resolver, a.requests, a.nats)
+	// TODO(lead, at merge): a.resolver.OnRevoke(a.broker.closeSession) so a
+	// logout on any replica ends that session's streams at once.
 
 	public := http.NewServeMux()
 	internal := public
@@ -259,14 +263,14 @@ func routes(public, internal *http.ServeMux, a *app, streams context.Context) {
 	public.Handle("POST /api/auth/validate", notImplemented())
 	public.Handle("POST /api/auth/check-access", notImplemented())
 	public.Handle("POST /api/auth/logout", notImplemented())
-	public.Handle("GET /events", notImplemented())
+	public.Handle("GET /events", handleEvents(a.broker))
 	public.Handle("GET /graphql", notImplemented())
 	public.Handle("POST /graphql", notImplemented())
 	public.Handle("/noetl/{path...}", notImplemented())
 
 	internal.Handle("POST /api/internal/callback", internalOnly(cfg, onInternal, notImplemented()))
-	internal.Handle("POST /api/internal/callback/async", internalOnly(cfg, onInternal, notImplemented()))
-	internal.Handle("POST /api/internal/progress", internalOnly(cfg, onInternal, notImplemented()))
+	internal.Handle("POST /api/internal/callback/async", internalOnly(cfg, onInternal, handleCallbackAsync(a.broker)))
+	internal.Handle("POST /api/internal/progress", internalOnly(cfg, onInternal, handleProgress(a.broker)))
 	metricsH := handleMetrics(a.metrics)
 	if !onInternal {
 		// On the public listener the metrics are for the local scraper only.

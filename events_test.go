@@ -1,0 +1,777 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestSSEEncode(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name, id, event string
+		data            any
+		want            string
+		wantErr         bool
+	}{
+		{name: "full", id: "7", event: "playbook/result", data: map[string]any{"a": "x\ny"}, want: "id: 7\nevent: playbook/result\ndata: {\"a\":\"x\\ny\"}\n\n"},
+		{name: "no id", event: "ping", data: pingFrame, want: "event: ping\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"ping\",\"params\":{}}\n\n"},
+		{name: "bytes are base64", event: "m", data: []byte("x"), want: "event: m\ndata: \"eA==\"\n\n"},
+		{name: "multi-line raw message", event: "m", data: json.RawMessage("{\n \"a\": 1\r\n}"), want: "event: m\ndata: {\"a\":1}\n\n"},
+		{name: "LF in id", id: "1\ndata: x", event: "m", data: 1, wantErr: true},
+		{name: "CR in event", event: "m\rid: 9", data: 1, wantErr: true},
+		{name: "NUL in id", id: "1\x00", data: 1, wantErr: true},
+		{name: "invalid raw JSON", event: "m", data: json.RawMessage("{\n"), wantErr: true},
+		{name: "unencodable", event: "m", data: func() {}, wantErr: true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var buf bytes.Buffer
+			err := encodeSSE(&buf, tt.id, tt.event, tt.data)
+			if (err != nil) != tt.wantErr {
+				t.Fatalf("err = %v, wantErr %v", err, tt.wantErr)
+			}
+			if err == nil && buf.String() != tt.want {
+				t.Fatalf("got %q, want %q", buf.String(), tt.want)
+			}
+			if err != nil && buf.Len() != 0 {
+				t.Fatalf("an error wrote %q", buf.String())
+			}
+		})
+	}
+}
+
+// FuzzSSEEncode: whatever the id, event and data, the encoder either refuses
+// or writes exactly one frame that parses back to the same id, event and
+// data, with no other field.
+func FuzzSSEEncode(f *testing.F) {
+	f.Add("7", "playbook/result", "x\ny")
+	f.Add("1\ndata: x", "m", "")
+	f.Add("", "m\rid: 9", "\x00")
+	f.Add("", "", "\u2028\r\n")
+	f.Fuzz(func(t *testing.T, id, event, data string) {
+		var buf bytes.Buffer
+		err := encodeSSE(&buf, id, event, map[string]string{"v": data})
+		if strings.ContainsAny(id+event, "\r\n\x00") {
+			if err == nil {
+				t.Fatalf("accepted id %q event %q", id, event)
+			}
+			return
+		}
+		if err != nil {
+			t.Fatalf("refused id %q event %q: %v", id, event, err)
+		}
+		out := buf.String()
+		if !strings.HasSuffix(out, "\n\n") || strings.Count(out, "\n\n") != 1 || strings.Contains(out, "\r") {
+			t.Fatalf("not exactly one frame: %q", out)
+		}
+		var gotID, gotEvent, gotData string
+		n := 0
+		for _, line := range strings.Split(strings.TrimSuffix(out, "\n\n"), "\n") {
+			name, value, _ := strings.Cut(line, ": ")
+			switch name {
+			case "id":
+				gotID = value
+			case "event":
+				gotEvent = value
+			case "data":
+				gotData = value
+				n++
+			default:
+				t.Fatalf("injected field %q in %q", name, out)
+			}
+		}
+		var back map[string]string
+		var want string
+		enc, _ := json.Marshal(data)
+		json.Unmarshal(enc, &want)
+		if n != 1 || gotID != id || gotEvent != event || json.Unmarshal([]byte(gotData), &back) != nil || back["v"] != want {
+			t.Fatalf("round trip failed: %q", out)
+		}
+	})
+}
+
+func TestEventsInitAndHeartbeat(t *testing.T) {
+	t.Parallel()
+	ns, noetl := startNATS(t), startNoETL(t)
+	noetl.addSession("tok-init", testUser, time.Now().Add(time.Hour))
+	g := natsGateway(t, ns, noetl, map[string]string{"GATEWAY_HEARTBEAT_INTERVAL_SECS": "1"})
+	kv := requestsKV(t, ns)
+	putRequest(t, kv, "req-pending-1", "client-init", "tok-init", "exec-1")
+
+	c := openSSE(t, g.URL+"/events?session_token=tok-init&client_id=client-init", nil)
+	h := c.Resp.Header
+	if h.Get("Content-Type") != "text/event-stream" || h.Get("Cache-Control") != "no-cache" || h.Get("X-Accel-Buffering") != "no" {
+		t.Fatalf("headers %v", h)
+	}
+	if ev := c.next(t, 5*time.Second); ev.Retry != "3000" || ev.Data != "" {
+		t.Fatalf("first frame %+v", ev)
+	}
+	ev := c.next(t, 5*time.Second)
+	if ev.Event != "message" {
+		t.Fatalf("init frame %+v", ev)
+	}
+	want := `{"jsonrpc":"2.0","id":1,"result":{"protocolVersion":"2024-11-05","serverInfo":{"name":"noetl-gateway","version":"` + version +
+		`"},"clientId":"client-init","capabilities":{"playbooks":true,"callbacks":true},"pendingRequests":[{"requestId":"req-pending-1","executionId":"exec-1","playbookPath":"tests/echo"}]}}`
+	if ev.Data != want {
+		t.Fatalf("init\n got %s\nwant %s", ev.Data, want)
+	}
+	start := time.Now()
+	if ev := c.next(t, 5*time.Second); ev.Event != "ping" || ev.Data != `{"jsonrpc":"2.0","method":"ping","params":{}}` || ev.ID != "" {
+		t.Fatalf("first ping %+v", ev)
+	}
+	if ev := c.next(t, 5*time.Second); ev.Event != "ping" {
+		t.Fatalf("second ping %+v", ev)
+	}
+	if d := time.Since(start); d < 500*time.Millisecond {
+		t.Fatalf("second ping after %v, want about the 1s interval", d)
+	}
+
+	// Without client_id the gateway makes one (a UUIDv4) and has nothing
+	// pending for it.
+	c2 := openSSE(t, g.URL+"/events", map[string]string{"Authorization": "Bearer tok-init"})
+	res := c2.skipInit(t)
+	id, _ := res["clientId"].(string)
+	if len(id) != 36 || id[14] != '4' || res["pendingRequests"] != nil {
+		t.Fatalf("generated init %v", res)
+	}
+}
+
+func TestEventsRejects(t *testing.T) {
+	t.Parallel()
+	ns, noetl := startNATS(t), startNoETL(t)
+	noetl.addSession("tok-a", testUser, time.Now().Add(time.Hour))
+	noetl.addSession("tok-b", testUser, time.Now().Add(time.Hour))
+	g := natsGateway(t, ns, noetl, nil)
+
+	for _, tc := range []struct {
+		name, query string
+		headers     map[string]string
+		status      int
+		msg         string
+	}{
+		{"no token", "", nil, 401, "Missing authentication token"},
+		{"unknown session", "?session_token=tok-unknown", nil, 401, "Invalid or expired session"},
+		{"malformed token", "?session_token=" + url.QueryEscape("a b<"), nil, 401, "Invalid or expired session"},
+		{"bad client_id", "?session_token=tok-a&client_id=a.b", nil, 400, "invalid client_id"},
+		{"bad Last-Event-ID", "?session_token=tok-a&client_id=c1", map[string]string{"Last-Event-ID": "abc"}, 400, "invalid Last-Event-ID"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			status, h, m := doJSON(t, "GET", g.URL+"/events"+tc.query, nil, tc.headers)
+			if status != tc.status || m["error"] != tc.msg || !strings.HasPrefix(h.Get("Content-Type"), "application/json") {
+				t.Fatalf("got %d %v %v", status, h.Get("Content-Type"), m)
+			}
+		})
+	}
+
+	t.Run("client_id of another session", func(t *testing.T) {
+		c := openSSE(t, g.URL+"/events?session_token=tok-a&client_id=owned-by-a", nil)
+		c.skipInit(t)
+		status, _, m := doJSON(t, "GET", g.URL+"/events?session_token=tok-b&client_id=owned-by-a", nil, nil)
+		if status != 403 || m["error"] != "client_id belongs to another session" {
+			t.Fatalf("got %d %v", status, m)
+		}
+		c.Close()
+		// Still A's after A left.
+		status, _, _ = doJSON(t, "GET", g.URL+"/events?session_token=tok-b&client_id=owned-by-a", nil, nil)
+		if status != 403 {
+			t.Fatalf("after disconnect: %d", status)
+		}
+	})
+
+	t.Run("NoETL unavailable", func(t *testing.T) {
+		dead := startGateway(t, map[string]string{"NOETL_BASE_URL": "http://127.0.0.1:1"})
+		status, _, m := doJSON(t, "GET", dead.URL+"/events?session_token=tok-a", nil, nil)
+		if status != 502 || m["error"] != "session validation unavailable" {
+			t.Fatalf("got %d %v", status, m)
+		}
+	})
+}
+
+func TestEventsResultAndProgress(t *testing.T) {
+	t.Parallel()
+	ns, noetl := startNATS(t), startNoETL(t)
+	noetl.addSession("tok-r", testUser, time.Now().Add(time.Hour))
+	g := natsGateway(t, ns, noetl, nil)
+	kv := requestsKV(t, ns)
+	putRequest(t, kv, "req-1", "client-r", "tok-r", "exec-stored")
+	putRequest(t, kv, "req-2", "client-r", "tok-r", "exec-stored-2")
+
+	c := openSSE(t, g.URL+"/events?session_token=tok-r&client_id=client-r", nil)
+	c.skipInit(t)
+
+	status, m := callback(t, g.URL, "/api/internal/progress", map[string]any{"request_id": "req-1", "execution_id": 42, "step": "fetch", "progress": 0.5})
+	if status != 200 || m["status"] != "delivered" {
+		t.Fatalf("progress: %d %v", status, m)
+	}
+	ev := c.nextEvent(t, 5*time.Second)
+	if ev.Event != "playbook/progress" || ev.ID == "" ||
+		ev.Data != `{"jsonrpc":"2.0","method":"playbook/progress","params":{"requestId":"req-1","executionId":"42","step":"fetch","message":null,"progress":0.5}}` {
+		t.Fatalf("progress frame %+v", ev)
+	}
+	progressID, _ := strconv.ParseUint(ev.ID, 10, 64)
+
+	status, m = callback(t, g.URL, "/api/internal/callback/async", `{"request_id":"req-1","data":{"rows":[1,2],
+		"note":"two\nlines"}}`)
+	if status != 200 || m["status"] != "delivered" {
+		t.Fatalf("result: %d %v", status, m)
+	}
+	ev = c.nextEvent(t, 5*time.Second)
+	if ev.Event != "playbook/result" ||
+		ev.Data != `{"jsonrpc":"2.0","method":"playbook/result","params":{"requestId":"req-1","executionId":"exec-stored","status":"COMPLETED","data":{"rows":[1,2],"note":"two\nlines"}}}` {
+		t.Fatalf("result frame %+v", ev)
+	}
+	if id, _ := strconv.ParseUint(ev.ID, 10, 64); id <= progressID {
+		t.Fatalf("result id %s not after progress id %d", ev.ID, progressID)
+	}
+	// Delivered: the request is done.
+	if status, m = callback(t, g.URL, "/api/internal/callback/async", map[string]any{"request_id": "req-1"}); status != 404 || m["error"] != "Request not found" {
+		t.Fatalf("second result: %d %v", status, m)
+	}
+
+	// The failure branch, with and without an error object.
+	status, _ = callback(t, g.URL, "/api/internal/callback/async", map[string]any{"request_id": "req-2", "execution_id": "exec-9", "status": "COMPLETED",
+		"error": map[string]any{"code": -32001, "message": "timed out", "data": map[string]any{"after": 30}}})
+	if status != 200 {
+		t.Fatalf("failed result: %d", status)
+	}
+	ev = c.nextEvent(t, 5*time.Second)
+	if ev.Data != `{"jsonrpc":"2.0","method":"playbook/result","params":{"requestId":"req-2","executionId":"exec-9","status":"FAILED","error":{"code":-32001,"message":"timed out","data":{"after":30}}}}` {
+		t.Fatalf("failed frame %s", ev.Data)
+	}
+	putRequest(t, kv, "req-3", "client-r", "tok-r", "exec-3")
+	callback(t, g.URL, "/api/internal/callback/async", map[string]any{"request_id": "req-3", "status": "FAILED"})
+	ev = c.nextEvent(t, 5*time.Second)
+	if ev.Data != `{"jsonrpc":"2.0","method":"playbook/result","params":{"requestId":"req-3","executionId":"exec-3","status":"FAILED","error":{"code":-32000,"message":"Playbook execution failed","data":null}}}` {
+		t.Fatalf("failed frame %s", ev.Data)
+	}
+
+	metrics := scrape(t, g.URL)
+	for _, want := range []string{`gateway_callbacks_total{kind="async",outcome="delivered"} 3`, `gateway_callbacks_total{kind="progress",outcome="delivered"} 1`,
+		`gateway_sse_connections 1`} {
+		if !strings.Contains(metrics, want) {
+			t.Errorf("metrics lack %s:\n%s", want, metrics)
+		}
+	}
+	// The first event may race the end of the (empty) replay: it is then
+	// sent as replayed, and skipped live.
+	if n := metricValue(metrics, `gateway_sse_events_total{outcome="delivered"}`) + metricValue(metrics, `gateway_sse_events_total{outcome="replayed"}`); n != 4 {
+		t.Errorf("events sent %v, want 4", n)
+	}
+}
+
+func TestCallbackValidation(t *testing.T) {
+	t.Parallel()
+	ns, noetl := startNATS(t), startNoETL(t)
+	g := natsGateway(t, ns, noetl, map[string]string{"CALLBACK_TOKEN": "s3cret-callback-token-for-tests"})
+	kv := requestsKV(t, ns)
+	putRequest(t, kv, "req-v", "client-v", "tok-v", "exec-v")
+	auth := map[string]string{"Authorization": "Bearer s3cret-callback-token-for-tests"}
+
+	for _, tc := range []struct {
+		name, route string
+		body        any
+		headers     map[string]string
+		status      int
+		msg         string
+	}{
+		{"no callback token", "/api/internal/callback/async", map[string]any{"request_id": "req-v"}, nil, 401, "callback token required"},
+		{"wrong callback token", "/api/internal/progress", map[string]any{"request_id": "req-v"}, map[string]string{"X-Callback-Token": "nope"}, 401, "callback token required"},
+		{"bad JSON", "/api/internal/callback/async", "{", auth, 400, "invalid JSON"},
+		{"missing request_id", "/api/internal/callback/async", map[string]any{"status": "COMPLETED"}, auth, 400, "request_id must be 1-128 characters of [A-Za-z0-9_-]"},
+		{"bad request_id", "/api/internal/progress", map[string]any{"request_id": "../x"}, auth, 400, "request_id must be 1-128 characters of [A-Za-z0-9_-]"},
+		{"long request_id", "/api/internal/progress", map[string]any{"request_id": strings.Repeat("a", 129)}, auth, 400, "request_id must be 1-128 characters of [A-Za-z0-9_-]"},
+		{"numeric request_id", "/api/internal/callback/async", map[string]any{"request_id": 5}, auth, 400, `invalid JSON: field "request_id" must be string`},
+		{"object execution_id", "/api/internal/callback/async", map[string]any{"request_id": "req-v", "execution_id": map[string]any{}}, auth, 400, "execution_id must be a string or a number"},
+		{"error without message", "/api/internal/callback/async", map[string]any{"request_id": "req-v", "error": map[string]any{"code": 1}}, auth, 400, "error.message is required"},
+		{"unknown request", "/api/internal/callback/async", map[string]any{"request_id": "req-unknown"}, auth, 404, "Request not found"},
+		{"unknown request progress", "/api/internal/progress", map[string]any{"request_id": "req-unknown"}, auth, 404, "Request not found"},
+		{"too large", "/api/internal/callback/async", map[string]any{"request_id": "req-v", "data": strings.Repeat("x", 2<<20)}, auth, 413, "request body too large"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			status, _, m := doJSON(t, "POST", g.URL+tc.route, tc.body, tc.headers)
+			if status != tc.status || m["error"] != tc.msg {
+				t.Fatalf("got %d %v", status, m)
+			}
+		})
+	}
+	// A valid callback for a client that never connected is kept: 202.
+	status, _, m := doJSON(t, "POST", g.URL+"/api/internal/progress", map[string]any{"request_id": "req-v"}, auth)
+	if status != 202 || m["status"] != "queued" || m["clientDisconnected"] != true {
+		t.Fatalf("queued: %d %v", status, m)
+	}
+}
+
+func TestEventsReplayLastEventID(t *testing.T) {
+	t.Parallel()
+	ns, noetl := startNATS(t), startNoETL(t)
+	noetl.addSession("tok-l", testUser, time.Now().Add(time.Hour))
+	g := natsGateway(t, ns, noetl, nil)
+	kv := requestsKV(t, ns)
+	putRequest(t, kv, "req-l", "client-l", "tok-l", "exec-l")
+	stream := g.URL + "/events?session_token=tok-l&client_id=client-l"
+	progress := func(n int) (int, map[string]any) {
+		return callback(t, g.URL, "/api/internal/progress", map[string]any{"request_id": "req-l", "message": fmt.Sprint("m", n)})
+	}
+	msgOf := func(ev sseEvent) string {
+		return ev.json(t)["params"].(map[string]any)["message"].(string)
+	}
+
+	c := openSSE(t, stream, nil)
+	c.skipInit(t)
+	if status, _ := progress(1); status != 200 {
+		t.Fatalf("progress 1: %d", status)
+	}
+	first := c.nextEvent(t, 5*time.Second)
+	c.Close()
+	waitFor(t, 5*time.Second, "the stream to be gone", func() bool {
+		return strings.Contains(scrape(t, g.URL), "gateway_sse_connections 0")
+	})
+	for n := 2; n <= 4; n++ {
+		if status, m := progress(n); status != 202 {
+			t.Fatalf("progress %d while away: %d %v", n, status, m)
+		}
+	}
+
+	// Header form: exactly 2, 3, 4 in order, then live 5; nothing twice.
+	c = openSSE(t, stream, map[string]string{"Last-Event-ID": first.ID})
+	c.skipInit(t)
+	var ids []uint64
+	for n := 2; n <= 4; n++ {
+		ev := c.nextEvent(t, 5*time.Second)
+		if msgOf(ev) != fmt.Sprint("m", n) {
+			t.Fatalf("replayed %s, want m%d", ev.Data, n)
+		}
+		id, _ := strconv.ParseUint(ev.ID, 10, 64)
+		ids = append(ids, id)
+	}
+	if !(ids[0] < ids[1] && ids[1] < ids[2]) {
+		t.Fatalf("ids not increasing: %v", ids)
+	}
+	if status, _ := progress(5); status != 200 {
+		t.Fatalf("live progress: %d", status)
+	}
+	if ev := c.nextEvent(t, 5*time.Second); msgOf(ev) != "m5" {
+		t.Fatalf("live after replay: %s", ev.Data)
+	}
+	c.quiet(t, 300*time.Millisecond)
+	c.Close()
+
+	// Query form, from the middle.
+	c = openSSE(t, stream+"&last_event_id="+strconv.FormatUint(ids[1], 10), nil)
+	c.skipInit(t)
+	for _, want := range []string{"m4", "m5"} {
+		if ev := c.nextEvent(t, 5*time.Second); msgOf(ev) != want {
+			t.Fatalf("got %s, want %s", ev.Data, want)
+		}
+	}
+	c.quiet(t, 300*time.Millisecond)
+}
+
+// Replay and live overlap: events published continuously while clients
+// reconnect with Last-Event-ID arrive once each, in order.
+func TestEventsReplayLiveNoGapNoDuplicate(t *testing.T) {
+	t.Parallel()
+	ns, noetl := startNATS(t), startNoETL(t)
+	noetl.addSession("tok-o", testUser, time.Now().Add(time.Hour))
+	g := natsGateway(t, ns, noetl, nil)
+	kv := requestsKV(t, ns)
+	putRequest(t, kv, "req-o", "client-o", "tok-o", "exec-o")
+	const total = 60
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for n := 1; n <= total; n++ {
+			doJSON(t, "POST", g.URL+"/api/internal/progress", map[string]any{"request_id": "req-o", "progress": n}, nil)
+		}
+	}()
+	got := 0.0
+	last := ""
+	for got < total {
+		h := map[string]string{}
+		if last != "" {
+			h["Last-Event-ID"] = last
+		}
+		c := openSSE(t, g.URL+"/events?session_token=tok-o&client_id=client-o", h)
+		c.skipInit(t)
+		for i := 0; i < 7 && got < total; i++ {
+			ev := c.nextEvent(t, 10*time.Second)
+			p := ev.json(t)["params"].(map[string]any)["progress"].(float64)
+			if p != got+1 {
+				t.Fatalf("got progress %v after %v", p, got)
+			}
+			got, last = p, ev.ID
+		}
+		c.Close()
+	}
+	<-done
+}
+
+func TestEventsDeliveredOnPlainReconnect(t *testing.T) {
+	t.Parallel()
+	ns, noetl := startNATS(t), startNoETL(t)
+	noetl.addSession("tok-p", testUser, time.Now().Add(time.Hour))
+	g := natsGateway(t, ns, noetl, nil)
+	kv := requestsKV(t, ns)
+	putRequest(t, kv, "req-p1", "client-p", "tok-p", "exec-p1")
+	putRequest(t, kv, "req-p2", "client-p", "tok-p", "exec-p2")
+	stream := g.URL + "/events?session_token=tok-p&client_id=client-p"
+
+	// The result arrives before the browser ever connected.
+	status, m := callback(t, g.URL, "/api/internal/callback/async", map[string]any{"request_id": "req-p1", "data": "early"})
+	if status != 202 || m["clientDisconnected"] != true {
+		t.Fatalf("early result: %d %v", status, m)
+	}
+	c := openSSE(t, stream, nil)
+	init := c.skipInit(t)
+	if n := len(init["pendingRequests"].([]any)); n != 2 {
+		t.Fatalf("pending %v", init["pendingRequests"])
+	}
+	ev := c.nextEvent(t, 5*time.Second)
+	if ev.json(t)["params"].(map[string]any)["data"] != "early" {
+		t.Fatalf("got %s", ev.Data)
+	}
+	c.quiet(t, 200*time.Millisecond)
+	c.Close()
+
+	// A plain reconnect (no Last-Event-ID) gets exactly what it was not
+	// sent: nothing old again, the result that came meanwhile, and the
+	// delivered request is no longer pending.
+	waitFor(t, 5*time.Second, "the stream to be gone", func() bool {
+		return strings.Contains(scrape(t, g.URL), "gateway_sse_connections 0")
+	})
+	if status, _ := callback(t, g.URL, "/api/internal/callback/async", map[string]any{"request_id": "req-p2", "data": "later"}); status != 202 {
+		t.Fatalf("later result: %d", status)
+	}
+	c = openSSE(t, stream, nil)
+	init = c.skipInit(t)
+	pend := init["pendingRequests"].([]any)
+	if len(pend) != 1 || pend[0].(map[string]any)["requestId"] != "req-p2" {
+		t.Fatalf("pending after delivery %v", pend)
+	}
+	if ev := c.nextEvent(t, 5*time.Second); ev.json(t)["params"].(map[string]any)["data"] != "later" {
+		t.Fatalf("got %s", ev.Data)
+	}
+	c.quiet(t, 200*time.Millisecond)
+	c.Close()
+	waitFor(t, 5*time.Second, "the stream to be gone", func() bool {
+		return strings.Contains(scrape(t, g.URL), "gateway_sse_connections 0")
+	})
+	c = openSSE(t, stream, nil)
+	if init := c.skipInit(t); init["pendingRequests"] != nil {
+		t.Fatalf("still pending: %v", init["pendingRequests"])
+	}
+	c.quiet(t, 300*time.Millisecond)
+}
+
+func TestEventsSlowClientCut(t *testing.T) {
+	t.Parallel()
+	ns, noetl := startNATS(t), startNoETL(t)
+	noetl.addSession("tok-s", testUser, time.Now().Add(time.Hour))
+	g := natsGateway(t, ns, noetl, map[string]string{"SSE_CLIENT_BUFFER": "4"})
+	kv := requestsKV(t, ns)
+	putRequest(t, kv, "req-slow", "client-slow", "tok-s", "e1")
+	putRequest(t, kv, "req-fast", "client-fast", "tok-s", "e2")
+
+	// The slow client sends its request and never reads a byte.
+	u, _ := url.Parse(g.URL)
+	raw, err := net.Dial("tcp", u.Host)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer raw.Close()
+	fmt.Fprintf(raw, "GET /events?session_token=tok-s&client_id=client-slow HTTP/1.1\r\nHost: %s\r\n\r\n", u.Host)
+	waitFor(t, 5*time.Second, "the slow stream", func() bool {
+		return strings.Contains(scrape(t, g.URL), "gateway_sse_connections 1")
+	})
+	fast := openSSE(t, g.URL+"/events?session_token=tok-s&client_id=client-fast", nil)
+	fast.skipInit(t)
+
+	big := strings.Repeat("x", 256<<10)
+	cut := false
+	for n := 1; n <= 200 && !cut; n++ {
+		callback(t, g.URL, "/api/internal/progress", map[string]any{"request_id": "req-slow", "message": big})
+		status, _ := callback(t, g.URL, "/api/internal/progress", map[string]any{"request_id": "req-fast", "progress": n})
+		if status != 200 {
+			t.Fatalf("fast client event %d: %d", n, status)
+		}
+		ev := fast.nextEvent(t, 5*time.Second)
+		if p := ev.json(t)["params"].(map[string]any)["progress"].(float64); p != float64(n) {
+			t.Fatalf("fast client got %v, want %d", p, n)
+		}
+		cut = strings.Contains(scrape(t, g.URL), `gateway_sse_events_total{outcome="overflow_disconnect"} 1`)
+	}
+	if !cut {
+		t.Fatal("the slow client was never cut")
+	}
+	// Once cut, the slow client's events are queued for its reconnect while
+	// the fast one still gets its own live.
+	status, m := callback(t, g.URL, "/api/internal/progress", map[string]any{"request_id": "req-slow", "message": "after"})
+	if status != 202 || m["status"] != "queued" {
+		t.Fatalf("slow client after the cut: %d %v", status, m)
+	}
+	if status, _ := callback(t, g.URL, "/api/internal/progress", map[string]any{"request_id": "req-fast", "message": "still"}); status != 200 {
+		t.Fatalf("fast client after the cut: %d", status)
+	}
+	if ev := fast.nextEvent(t, 5*time.Second); ev.json(t)["params"].(map[string]any)["message"] != "still" {
+		t.Fatalf("fast client got %s", ev.Data)
+	}
+	// The server ended the slow client's response: reading it through
+	// reaches its end.
+	raw.SetReadDeadline(time.Now().Add(20 * time.Second))
+	resp, err := http.ReadResponse(bufio.NewReader(raw), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.Copy(io.Discard, resp.Body); err != nil {
+		t.Fatalf("slow client's stream not ended: %v\n%s", err, g.Logs)
+	}
+}
+
+func TestEventsReplaceSameClient(t *testing.T) {
+	t.Parallel()
+	ns, noetl := startNATS(t), startNoETL(t)
+	noetl.addSession("tok-x", testUser, time.Now().Add(time.Hour))
+	g := natsGateway(t, ns, noetl, nil)
+	kv := requestsKV(t, ns)
+	putRequest(t, kv, "req-x", "client-x", "tok-x", "e")
+	stream := g.URL + "/events?session_token=tok-x&client_id=client-x"
+
+	old := openSSE(t, stream, nil)
+	old.skipInit(t)
+	for i := 0; i < 3; i++ {
+		c := openSSE(t, stream, nil)
+		c.skipInit(t)
+		old.waitEnd(t, 5*time.Second)
+		// The old stream's cleanup has run; the new one must still be
+		// registered and receive.
+		status, _ := callback(t, g.URL, "/api/internal/progress", map[string]any{"request_id": "req-x", "progress": i})
+		if status != 200 {
+			t.Fatalf("round %d: %d", i, status)
+		}
+		if ev := c.nextEvent(t, 5*time.Second); ev.json(t)["params"].(map[string]any)["progress"] != float64(i) {
+			t.Fatalf("round %d: %s", i, ev.Data)
+		}
+		old = c
+	}
+	if m := scrape(t, g.URL); !strings.Contains(m, "gateway_sse_connections 1") {
+		t.Fatalf("connections gauge wrong:\n%s", m)
+	}
+}
+
+func TestEventsSessionRecheck(t *testing.T) {
+	t.Parallel()
+	ns, noetl := startNATS(t), startNoETL(t)
+	noetl.addSession("tok-rc", testUser, time.Now().Add(time.Hour))
+	g := natsGateway(t, ns, noetl, map[string]string{"NATS_SESSION_CACHE_TTL_SECS": "1", "SSE_SESSION_RECHECK_SECS": "1"})
+	c := openSSE(t, g.URL+"/events?session_token=tok-rc", nil)
+	c.skipInit(t)
+	// Still valid across several re-checks.
+	c.quiet(t, 1500*time.Millisecond)
+	noetl.removeSession("tok-rc")
+	ev := c.nextEvent(t, 10*time.Second)
+	if ev.Event != "error" || ev.Data != `{"jsonrpc":"2.0","error":{"code":-32002,"message":"Invalid or expired session"}}` {
+		t.Fatalf("got %+v", ev)
+	}
+	c.waitEnd(t, 5*time.Second)
+}
+
+func TestEventsLogoutClosesStreams(t *testing.T) {
+	t.Parallel()
+	noetl := startNoETL(t)
+	noetl.addSession("tok-out", testUser, time.Now().Add(time.Hour))
+	noetl.addSession("tok-stay", testUser, time.Now().Add(time.Hour))
+	p := startInProcess(t, map[string]string{"NOETL_BASE_URL": noetl.URL}, nil)
+	a1 := openSSE(t, p.URL+"/events?session_token=tok-out&client_id=tab-1", nil)
+	a2 := openSSE(t, p.URL+"/events?session_token=tok-out&client_id=tab-2", nil)
+	b := openSSE(t, p.URL+"/events?session_token=tok-stay&client_id=tab-3", nil)
+	for _, c := range []*sseClient{a1, a2, b} {
+		c.skipInit(t)
+	}
+	p.app.broker.closeSession("tok-out")
+	for _, c := range []*sseClient{a1, a2} {
+		if ev := c.nextEvent(t, 5*time.Second); ev.Event != "error" || ev.json(t)["error"].(map[string]any)["code"] != float64(-32002) {
+			t.Fatalf("got %+v", ev)
+		}
+		c.waitEnd(t, 5*time.Second)
+	}
+	p.putRequest(t, "req-stay", "tab-3", "tok-stay", "e")
+	if status, _ := callback(t, p.URL, "/api/internal/progress", map[string]any{"request_id": "req-stay"}); status != 200 {
+		t.Fatalf("other session: %d", status)
+	}
+	b.nextEvent(t, 5*time.Second)
+}
+
+func TestEventsShutdownEndsStreams(t *testing.T) {
+	t.Parallel()
+	ns, noetl := startNATS(t), startNoETL(t)
+	noetl.addSession("tok-sd", testUser, time.Now().Add(time.Hour))
+	g := natsGateway(t, ns, noetl, map[string]string{"SHUTDOWN_TIMEOUT_SECS": "10"})
+	c := openSSE(t, g.URL+"/events?session_token=tok-sd", nil)
+	c.skipInit(t)
+	start := time.Now()
+	if err := g.Stop(t); err != nil {
+		t.Fatalf("run: %v", err)
+	}
+	c.waitEnd(t, 5*time.Second)
+	if d := time.Since(start); d > 5*time.Second {
+		t.Fatalf("shutdown took %v: the stream held it up", d)
+	}
+}
+
+func TestEventsTwoReplicas(t *testing.T) {
+	t.Parallel()
+	ns, noetl := startNATS(t), startNoETL(t)
+	noetl.addSession("tok-2", testUser, time.Now().Add(time.Hour))
+	a := natsGateway(t, ns, noetl, nil)
+	b := natsGateway(t, ns, noetl, nil)
+	kv := requestsKV(t, ns)
+	putRequest(t, kv, "req-2r", "client-2r", "tok-2", "e-2r")
+	putRequest(t, kv, "req-2r-b", "client-2r", "tok-2", "e-2r-b")
+
+	c := openSSE(t, a.URL+"/events?session_token=tok-2&client_id=client-2r", nil)
+	c.skipInit(t)
+	status, m := callback(t, b.URL, "/api/internal/progress", map[string]any{"request_id": "req-2r", "step": "on-b"})
+	if status != 200 || m["status"] != "delivered" {
+		t.Fatalf("progress via B: %d %v", status, m)
+	}
+	if ev := c.nextEvent(t, 5*time.Second); ev.json(t)["params"].(map[string]any)["step"] != "on-b" {
+		t.Fatalf("got %s", ev.Data)
+	}
+	status, m = callback(t, b.URL, "/api/internal/callback/async", map[string]any{"request_id": "req-2r", "data": map[string]any{"ok": true}})
+	if status != 200 || m["status"] != "delivered" {
+		t.Fatalf("result via B: %d %v", status, m)
+	}
+	ev := c.nextEvent(t, 5*time.Second)
+	if ev.Event != "playbook/result" {
+		t.Fatalf("got %+v", ev)
+	}
+	// The browser moves to B with the same client_id: A's stream closes, and
+	// a callback on A reaches it on B.
+	c2 := openSSE(t, b.URL+"/events?session_token=tok-2&client_id=client-2r", map[string]string{"Last-Event-ID": ev.ID})
+	c2.skipInit(t)
+	c.waitEnd(t, 5*time.Second)
+	status, _ = callback(t, a.URL, "/api/internal/callback/async", map[string]any{"request_id": "req-2r-b", "data": "via-a"})
+	if status != 200 {
+		t.Fatalf("result via A: %d", status)
+	}
+	if ev := c2.nextEvent(t, 5*time.Second); ev.json(t)["params"].(map[string]any)["data"] != "via-a" {
+		t.Fatalf("got %s", ev.Data)
+	}
+	c2.quiet(t, 200*time.Millisecond)
+}
+
+func TestEventsLimits(t *testing.T) {
+	t.Parallel()
+	noetl := startNoETL(t)
+	for _, tok := range []string{"tok-1", "tok-2", "tok-3"} {
+		noetl.addSession(tok, testUser, time.Now().Add(time.Hour))
+	}
+	g := startGateway(t, map[string]string{"NOETL_BASE_URL": noetl.URL, "SSE_MAX_CLIENTS": "2", "SSE_MAX_CLIENTS_PER_SESSION": "1"})
+	c1 := openSSE(t, g.URL+"/events?session_token=tok-1&client_id=l1", nil)
+	c1.skipInit(t)
+	if _, status, body := tryOpenSSE(t, g.URL+"/events?session_token=tok-1&client_id=l2", nil); status != 429 || !strings.Contains(body, `"error"`) {
+		t.Fatalf("second stream of a session: %d %s", status, body)
+	}
+	// Replacing its own client_id is not a new connection.
+	c1b := openSSE(t, g.URL+"/events?session_token=tok-1&client_id=l1", nil)
+	c1b.skipInit(t)
+	c2 := openSSE(t, g.URL+"/events?session_token=tok-2&client_id=l3", nil)
+	c2.skipInit(t)
+	if _, status, body := tryOpenSSE(t, g.URL+"/events?session_token=tok-3&client_id=l4", nil); status != 503 || !strings.Contains(body, `"error"`) {
+		t.Fatalf("beyond SSE_MAX_CLIENTS: %d %s", status, body)
+	}
+}
+
+func TestEventsInProcessMode(t *testing.T) {
+	t.Parallel()
+	noetl := startNoETL(t)
+	noetl.addSession("tok-m", testUser, time.Now().Add(time.Hour))
+	p := startInProcess(t, map[string]string{"NOETL_BASE_URL": noetl.URL}, nil)
+	p.putRequest(t, "req-m1", "client-m", "tok-m", "e1")
+	p.putRequest(t, "req-m2", "client-m", "tok-m", "e2")
+	stream := p.URL + "/events?session_token=tok-m&client_id=client-m"
+
+	if status, _ := callback(t, p.URL, "/api/internal/progress", map[string]any{"request_id": "req-m1", "step": "early"}); status != 202 {
+		t.Fatalf("early: %d", status)
+	}
+	c := openSSE(t, stream, nil)
+	if init := c.skipInit(t); len(init["pendingRequests"].([]any)) != 2 {
+		t.Fatalf("pending: %v", init)
+	}
+	first := c.nextEvent(t, 5*time.Second)
+	if status, m := callback(t, p.URL, "/api/internal/callback/async", map[string]any{"request_id": "req-m1", "execution_id": 12}); status != 200 || m["status"] != "delivered" {
+		t.Fatalf("result: %d %v", status, m)
+	}
+	if ev := c.nextEvent(t, 5*time.Second); ev.Event != "playbook/result" || ev.json(t)["params"].(map[string]any)["executionId"] != "12" {
+		t.Fatalf("got %+v", ev)
+	}
+	c.Close()
+	waitFor(t, 5*time.Second, "the stream to be gone", func() bool { return p.app.broker.lookup("client-m") == nil })
+	callback(t, p.URL, "/api/internal/progress", map[string]any{"request_id": "req-m2", "step": "away"})
+	c = openSSE(t, stream, map[string]string{"Last-Event-ID": first.ID})
+	c.skipInit(t)
+	if ev := c.nextEvent(t, 5*time.Second); ev.Event != "playbook/result" {
+		t.Fatalf("replay 1: %+v", ev)
+	}
+	if ev := c.nextEvent(t, 5*time.Second); ev.json(t)["params"].(map[string]any)["step"] != "away" {
+		t.Fatalf("replay 2: %+v", ev)
+	}
+	c.quiet(t, 200*time.Millisecond)
+}
+
+func TestMemLogBounds(t *testing.T) {
+	t.Parallel()
+	now := time.Unix(1000, 0)
+	var delivered []uint64
+	l := newMemLog(time.Minute, 3, func(_ string, ev event) { delivered = append(delivered, ev.ID) })
+	l.now = func() time.Time { return now }
+	for i := 0; i < 5; i++ {
+		l.append(t.Context(), []string{"a", "b"}[i%2], event{Method: "m", Data: json.RawMessage("1")})
+	}
+	ids := func(client string, after uint64) (out []uint64) {
+		l.replay(t.Context(), client, after, func(ev event) error { out = append(out, ev.ID); return nil })
+		return out
+	}
+	if got := fmt.Sprint(ids("a", 0), ids("b", 0), ids("a", 3)); got != "[3 5] [4] [5]" {
+		t.Fatalf("kept %s", got)
+	}
+	now = now.Add(2 * time.Minute)
+	l.append(t.Context(), "c", event{Method: "m", Data: json.RawMessage("1")})
+	if got := fmt.Sprint(ids("a", 0), ids("b", 0), ids("c", 0), delivered); got != "[] [] [6] [1 2 3 4 5 6]" {
+		t.Fatalf("after expiry %s", got)
+	}
+}
+
+// metricValue reads one series from a scrape (0 when absent).
+func metricValue(scrape, series string) float64 {
+	for _, line := range strings.Split(scrape, "\n") {
+		if v, ok := strings.CutPrefix(line, series+" "); ok {
+			f, _ := strconv.ParseFloat(v, 64)
+			return f
+		}
+	}
+	return 0
+}
+
+// scrape reads /metrics (loopback, no internal listener).
+func scrape(t testing.TB, base string) string {
+	t.Helper()
+	resp, err := http.Get(base + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var b strings.Builder
+	bufio.NewReader(resp.Body).WriteTo(&b)
+	return b.String()
+}
