@@ -266,7 +266,9 @@ type inProcess struct {
 	stop context.CancelFunc
 }
 
-func startInProcess(t testing.TB, env map[string]string, extra func(mux *http.ServeMux)) *inProcess {
+// extra adds test routes to the mux; wrap, when set, wraps the whole
+// server handler.
+func startInProcess(t testing.TB, env map[string]string, extra func(mux *http.ServeMux), wrap func(http.Handler) http.Handler) *inProcess {
 	t.Helper()
 	cfg, err := loadConfig(func(k string) string { return env[k] })
 	if err != nil {
@@ -285,7 +287,11 @@ func startInProcess(t testing.TB, env map[string]string, extra func(mux *http.Se
 	if extra != nil {
 		extra(mux)
 	}
-	srv := httptest.NewUnstartedServer(newServer(cfg, log, a.metrics, mux).Handler)
+	h := newServer(cfg, log, a.metrics, mux).Handler
+	if wrap != nil {
+		h = wrap(h)
+	}
+	srv := httptest.NewUnstartedServer(h)
 	srv.Start()
 	p := &inProcess{Server: srv, app: a, Logs: logs, stop: stop}
 	t.Cleanup(func() {

@@ -590,7 +590,7 @@ func TestEventsLogoutClosesStreams(t *testing.T) {
 	noetl := startNoETL(t)
 	noetl.addSession("tok-out", testUser, time.Now().Add(time.Hour))
 	noetl.addSession("tok-stay", testUser, time.Now().Add(time.Hour))
-	p := startInProcess(t, map[string]string{"NOETL_BASE_URL": noetl.URL}, nil)
+	p := startInProcess(t, map[string]string{"NOETL_BASE_URL": noetl.URL}, nil, nil)
 	a1 := openSSE(t, p.URL+"/events?session_token=tok-out&client_id=tab-1", nil)
 	a2 := openSSE(t, p.URL+"/events?session_token=tok-out&client_id=tab-2", nil)
 	b := openSSE(t, p.URL+"/events?session_token=tok-stay&client_id=tab-3", nil)
@@ -696,7 +696,7 @@ func TestEventsInProcessMode(t *testing.T) {
 	t.Parallel()
 	noetl := startNoETL(t)
 	noetl.addSession("tok-m", testUser, time.Now().Add(time.Hour))
-	p := startInProcess(t, map[string]string{"NOETL_BASE_URL": noetl.URL}, nil)
+	p := startInProcess(t, map[string]string{"NOETL_BASE_URL": noetl.URL}, nil, nil)
 	p.putRequest(t, "req-m1", "client-m", "tok-m", "e1")
 	p.putRequest(t, "req-m2", "client-m", "tok-m", "e2")
 	stream := p.URL + "/events?session_token=tok-m&client_id=client-m"
