@@ -105,6 +105,7 @@ const (
 	closeReplaced closeReason = iota + 1 // same client_id connected again
 	closeOverflow                        // queue full: the client cannot keep up
 	closeSession                         // logout, revoked or expired session
+	closeGone                            // the client left or the stream failed
 )
 
 // conn is one open /events stream.
@@ -576,7 +577,10 @@ func handleEvents(b *broker) http.Handler {
 			writeError(w, r, http.StatusTooManyRequests, "too many connections for this session", err)
 			return
 		}
-		defer b.unregister(c)
+		defer func() {
+			c.close(closeGone) // ends its re-check and any confirm waiting on it
+			b.unregister(c)
+		}()
 		log := loggerFrom(r).With("client_id", clientID, "session", tokenID(token), "gen", c.gen)
 		b.serve(ctx, w, c, log, generated, after)
 	})

@@ -130,6 +130,12 @@ func (c *sseClient) next(t testing.TB, timeout time.Duration) sseEvent {
 		return ev
 	case err := <-c.ended:
 		c.ended <- err
+		// The reader queues every frame before it reports the end.
+		select {
+		case ev := <-c.events:
+			return ev
+		default:
+		}
 		t.Fatalf("stream ended while waiting for a frame: %v", err)
 	case <-time.After(timeout):
 		t.Fatalf("no frame within %v", timeout)
@@ -153,15 +159,15 @@ func (c *sseClient) nextEvent(t testing.TB, timeout time.Duration) sseEvent {
 // the init message's result.
 func (c *sseClient) skipInit(t testing.TB) map[string]any {
 	t.Helper()
-	if ev := c.next(t, 5*time.Second); ev.Retry != "3000" {
+	if ev := c.next(t, 10*time.Second); ev.Retry != "3000" {
 		t.Fatalf("first frame %+v, want retry: 3000", ev)
 	}
-	ev := c.next(t, 5*time.Second)
+	ev := c.next(t, 10*time.Second)
 	if ev.Event != "message" || ev.ID != "" {
 		t.Fatalf("second frame %+v, want the init message", ev)
 	}
 	m := ev.json(t)
-	if ping := c.next(t, 5*time.Second); ping.Event != "ping" {
+	if ping := c.next(t, 10*time.Second); ping.Event != "ping" {
 		t.Fatalf("third frame %+v, want the first ping", ping)
 	}
 	return m["result"].(map[string]any)
@@ -225,7 +231,7 @@ func requestsKV(t testing.TB, ns *natsServer) jetstream.KeyValue {
 	}
 	t.Cleanup(nc.Close)
 	js, _ := jetstream.New(nc)
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	kv, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: "requests", TTL: 30 * time.Minute, History: 1, MaxValueSize: 64 << 10})
 	if errors.Is(err, jetstream.ErrBucketExists) {

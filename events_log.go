@@ -83,7 +83,11 @@ const memLogMax = 100_000
 func newMemLog(ttl time.Duration, max int, deliver func(string, event)) *memLog {
 	ready := make(chan struct{})
 	close(ready)
-	return &memLog{ttl: ttl, max: max, now: time.Now, deliver: deliver, readyCh: ready, byClient: map[string][]event{}}
+	// Ids start at the current Unix time in microseconds, not at 1, so they
+	// keep growing across restarts: a browser coming back to a restarted
+	// process with a Last-Event-ID must not skip the new events as seen.
+	seq := uint64(time.Now().UnixMicro())
+	return &memLog{ttl: ttl, max: max, now: time.Now, deliver: deliver, readyCh: ready, seq: seq, byClient: map[string][]event{}}
 }
 
 func (l *memLog) ready() <-chan struct{} { return l.readyCh }

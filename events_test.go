@@ -113,10 +113,10 @@ func TestEventsInitAndHeartbeat(t *testing.T) {
 	if h.Get("Content-Type") != "text/event-stream" || h.Get("Cache-Control") != "no-cache" || h.Get("X-Accel-Buffering") != "no" {
 		t.Fatalf("headers %v", h)
 	}
-	if ev := c.next(t, 5*time.Second); ev.Retry != "3000" || ev.Data != "" {
+	if ev := c.next(t, 10*time.Second); ev.Retry != "3000" || ev.Data != "" {
 		t.Fatalf("first frame %+v", ev)
 	}
-	ev := c.next(t, 5*time.Second)
+	ev := c.next(t, 10*time.Second)
 	if ev.Event != "message" {
 		t.Fatalf("init frame %+v", ev)
 	}
@@ -126,10 +126,10 @@ func TestEventsInitAndHeartbeat(t *testing.T) {
 		t.Fatalf("init\n got %s\nwant %s", ev.Data, want)
 	}
 	start := time.Now()
-	if ev := c.next(t, 5*time.Second); ev.Event != "ping" || ev.Data != `{"jsonrpc":"2.0","method":"ping","params":{}}` || ev.ID != "" {
+	if ev := c.next(t, 10*time.Second); ev.Event != "ping" || ev.Data != `{"jsonrpc":"2.0","method":"ping","params":{}}` || ev.ID != "" {
 		t.Fatalf("first ping %+v", ev)
 	}
-	if ev := c.next(t, 5*time.Second); ev.Event != "ping" {
+	if ev := c.next(t, 10*time.Second); ev.Event != "ping" {
 		t.Fatalf("second ping %+v", ev)
 	}
 	if d := time.Since(start); d < 500*time.Millisecond {
@@ -213,7 +213,7 @@ func TestEventsResultAndProgress(t *testing.T) {
 	if status != 200 || m["status"] != "delivered" {
 		t.Fatalf("progress: %d %v", status, m)
 	}
-	ev := c.nextEvent(t, 5*time.Second)
+	ev := c.nextEvent(t, 10*time.Second)
 	if ev.Event != "playbook/progress" || ev.ID == "" ||
 		ev.Data != `{"jsonrpc":"2.0","method":"playbook/progress","params":{"requestId":"req-1","executionId":"42","step":"fetch","message":null,"progress":0.5}}` {
 		t.Fatalf("progress frame %+v", ev)
@@ -225,7 +225,7 @@ func TestEventsResultAndProgress(t *testing.T) {
 	if status != 200 || m["status"] != "delivered" {
 		t.Fatalf("result: %d %v", status, m)
 	}
-	ev = c.nextEvent(t, 5*time.Second)
+	ev = c.nextEvent(t, 10*time.Second)
 	if ev.Event != "playbook/result" ||
 		ev.Data != `{"jsonrpc":"2.0","method":"playbook/result","params":{"requestId":"req-1","executionId":"exec-stored","status":"COMPLETED","data":{"rows":[1,2],"note":"two\nlines"}}}` {
 		t.Fatalf("result frame %+v", ev)
@@ -244,13 +244,13 @@ func TestEventsResultAndProgress(t *testing.T) {
 	if status != 200 {
 		t.Fatalf("failed result: %d", status)
 	}
-	ev = c.nextEvent(t, 5*time.Second)
+	ev = c.nextEvent(t, 10*time.Second)
 	if ev.Data != `{"jsonrpc":"2.0","method":"playbook/result","params":{"requestId":"req-2","executionId":"exec-9","status":"FAILED","error":{"code":-32001,"message":"timed out","data":{"after":30}}}}` {
 		t.Fatalf("failed frame %s", ev.Data)
 	}
 	putRequest(t, kv, "req-3", "client-r", "tok-r", "exec-3")
 	callback(t, g.URL, "/api/internal/callback/async", map[string]any{"request_id": "req-3", "status": "FAILED"})
-	ev = c.nextEvent(t, 5*time.Second)
+	ev = c.nextEvent(t, 10*time.Second)
 	if ev.Data != `{"jsonrpc":"2.0","method":"playbook/result","params":{"requestId":"req-3","executionId":"exec-3","status":"FAILED","error":{"code":-32000,"message":"Playbook execution failed","data":null}}}` {
 		t.Fatalf("failed frame %s", ev.Data)
 	}
@@ -331,7 +331,7 @@ func TestEventsReplayLastEventID(t *testing.T) {
 	if status, _ := progress(1); status != 200 {
 		t.Fatalf("progress 1: %d", status)
 	}
-	first := c.nextEvent(t, 5*time.Second)
+	first := c.nextEvent(t, 10*time.Second)
 	c.Close()
 	waitFor(t, 5*time.Second, "the stream to be gone", func() bool {
 		return strings.Contains(scrape(t, g.URL), "gateway_sse_connections 0")
@@ -347,7 +347,7 @@ func TestEventsReplayLastEventID(t *testing.T) {
 	c.skipInit(t)
 	var ids []uint64
 	for n := 2; n <= 4; n++ {
-		ev := c.nextEvent(t, 5*time.Second)
+		ev := c.nextEvent(t, 10*time.Second)
 		if msgOf(ev) != fmt.Sprint("m", n) {
 			t.Fatalf("replayed %s, want m%d", ev.Data, n)
 		}
@@ -360,7 +360,7 @@ func TestEventsReplayLastEventID(t *testing.T) {
 	if status, _ := progress(5); status != 200 {
 		t.Fatalf("live progress: %d", status)
 	}
-	if ev := c.nextEvent(t, 5*time.Second); msgOf(ev) != "m5" {
+	if ev := c.nextEvent(t, 10*time.Second); msgOf(ev) != "m5" {
 		t.Fatalf("live after replay: %s", ev.Data)
 	}
 	c.quiet(t, 300*time.Millisecond)
@@ -370,7 +370,7 @@ func TestEventsReplayLastEventID(t *testing.T) {
 	c = openSSE(t, stream+"&last_event_id="+strconv.FormatUint(ids[1], 10), nil)
 	c.skipInit(t)
 	for _, want := range []string{"m4", "m5"} {
-		if ev := c.nextEvent(t, 5*time.Second); msgOf(ev) != want {
+		if ev := c.nextEvent(t, 10*time.Second); msgOf(ev) != want {
 			t.Fatalf("got %s, want %s", ev.Data, want)
 		}
 	}
@@ -436,7 +436,7 @@ func TestEventsDeliveredOnPlainReconnect(t *testing.T) {
 	if n := len(init["pendingRequests"].([]any)); n != 2 {
 		t.Fatalf("pending %v", init["pendingRequests"])
 	}
-	ev := c.nextEvent(t, 5*time.Second)
+	ev := c.nextEvent(t, 10*time.Second)
 	if ev.json(t)["params"].(map[string]any)["data"] != "early" {
 		t.Fatalf("got %s", ev.Data)
 	}
@@ -458,7 +458,7 @@ func TestEventsDeliveredOnPlainReconnect(t *testing.T) {
 	if len(pend) != 1 || pend[0].(map[string]any)["requestId"] != "req-p2" {
 		t.Fatalf("pending after delivery %v", pend)
 	}
-	if ev := c.nextEvent(t, 5*time.Second); ev.json(t)["params"].(map[string]any)["data"] != "later" {
+	if ev := c.nextEvent(t, 10*time.Second); ev.json(t)["params"].(map[string]any)["data"] != "later" {
 		t.Fatalf("got %s", ev.Data)
 	}
 	c.quiet(t, 200*time.Millisecond)
@@ -504,7 +504,7 @@ func TestEventsSlowClientCut(t *testing.T) {
 		if status != 200 {
 			t.Fatalf("fast client event %d: %d", n, status)
 		}
-		ev := fast.nextEvent(t, 5*time.Second)
+		ev := fast.nextEvent(t, 10*time.Second)
 		if p := ev.json(t)["params"].(map[string]any)["progress"].(float64); p != float64(n) {
 			t.Fatalf("fast client got %v, want %d", p, n)
 		}
@@ -522,7 +522,7 @@ func TestEventsSlowClientCut(t *testing.T) {
 	if status, _ := callback(t, g.URL, "/api/internal/progress", map[string]any{"request_id": "req-fast", "message": "still"}); status != 200 {
 		t.Fatalf("fast client after the cut: %d", status)
 	}
-	if ev := fast.nextEvent(t, 5*time.Second); ev.json(t)["params"].(map[string]any)["message"] != "still" {
+	if ev := fast.nextEvent(t, 10*time.Second); ev.json(t)["params"].(map[string]any)["message"] != "still" {
 		t.Fatalf("fast client got %s", ev.Data)
 	}
 	// The server ended the slow client's response: reading it through
@@ -551,14 +551,14 @@ func TestEventsReplaceSameClient(t *testing.T) {
 	for i := 0; i < 3; i++ {
 		c := openSSE(t, stream, nil)
 		c.skipInit(t)
-		old.waitEnd(t, 5*time.Second)
+		old.waitEnd(t, 10*time.Second)
 		// The old stream's cleanup has run; the new one must still be
 		// registered and receive.
 		status, _ := callback(t, g.URL, "/api/internal/progress", map[string]any{"request_id": "req-x", "progress": i})
 		if status != 200 {
 			t.Fatalf("round %d: %d", i, status)
 		}
-		if ev := c.nextEvent(t, 5*time.Second); ev.json(t)["params"].(map[string]any)["progress"] != float64(i) {
+		if ev := c.nextEvent(t, 10*time.Second); ev.json(t)["params"].(map[string]any)["progress"] != float64(i) {
 			t.Fatalf("round %d: %s", i, ev.Data)
 		}
 		old = c
@@ -582,7 +582,7 @@ func TestEventsSessionRecheck(t *testing.T) {
 	if ev.Event != "error" || ev.Data != `{"jsonrpc":"2.0","error":{"code":-32002,"message":"Invalid or expired session"}}` {
 		t.Fatalf("got %+v", ev)
 	}
-	c.waitEnd(t, 5*time.Second)
+	c.waitEnd(t, 10*time.Second)
 }
 
 func TestEventsLogoutClosesStreams(t *testing.T) {
@@ -599,16 +599,16 @@ func TestEventsLogoutClosesStreams(t *testing.T) {
 	}
 	p.app.broker.closeSession("tok-out")
 	for _, c := range []*sseClient{a1, a2} {
-		if ev := c.nextEvent(t, 5*time.Second); ev.Event != "error" || ev.json(t)["error"].(map[string]any)["code"] != float64(-32002) {
+		if ev := c.nextEvent(t, 10*time.Second); ev.Event != "error" || ev.json(t)["error"].(map[string]any)["code"] != float64(-32002) {
 			t.Fatalf("got %+v", ev)
 		}
-		c.waitEnd(t, 5*time.Second)
+		c.waitEnd(t, 10*time.Second)
 	}
 	p.putRequest(t, "req-stay", "tab-3", "tok-stay", "e")
 	if status, _ := callback(t, p.URL, "/api/internal/progress", map[string]any{"request_id": "req-stay"}); status != 200 {
 		t.Fatalf("other session: %d", status)
 	}
-	b.nextEvent(t, 5*time.Second)
+	b.nextEvent(t, 10*time.Second)
 }
 
 func TestEventsShutdownEndsStreams(t *testing.T) {
@@ -622,7 +622,7 @@ func TestEventsShutdownEndsStreams(t *testing.T) {
 	if err := g.Stop(t); err != nil {
 		t.Fatalf("run: %v", err)
 	}
-	c.waitEnd(t, 5*time.Second)
+	c.waitEnd(t, 10*time.Second)
 	if d := time.Since(start); d > 5*time.Second {
 		t.Fatalf("shutdown took %v: the stream held it up", d)
 	}
@@ -644,14 +644,14 @@ func TestEventsTwoReplicas(t *testing.T) {
 	if status != 200 || m["status"] != "delivered" {
 		t.Fatalf("progress via B: %d %v", status, m)
 	}
-	if ev := c.nextEvent(t, 5*time.Second); ev.json(t)["params"].(map[string]any)["step"] != "on-b" {
+	if ev := c.nextEvent(t, 10*time.Second); ev.json(t)["params"].(map[string]any)["step"] != "on-b" {
 		t.Fatalf("got %s", ev.Data)
 	}
 	status, m = callback(t, b.URL, "/api/internal/callback/async", map[string]any{"request_id": "req-2r", "data": map[string]any{"ok": true}})
 	if status != 200 || m["status"] != "delivered" {
 		t.Fatalf("result via B: %d %v", status, m)
 	}
-	ev := c.nextEvent(t, 5*time.Second)
+	ev := c.nextEvent(t, 10*time.Second)
 	if ev.Event != "playbook/result" {
 		t.Fatalf("got %+v", ev)
 	}
@@ -659,12 +659,12 @@ func TestEventsTwoReplicas(t *testing.T) {
 	// a callback on A reaches it on B.
 	c2 := openSSE(t, b.URL+"/events?session_token=tok-2&client_id=client-2r", map[string]string{"Last-Event-ID": ev.ID})
 	c2.skipInit(t)
-	c.waitEnd(t, 5*time.Second)
+	c.waitEnd(t, 10*time.Second)
 	status, _ = callback(t, a.URL, "/api/internal/callback/async", map[string]any{"request_id": "req-2r-b", "data": "via-a"})
 	if status != 200 {
 		t.Fatalf("result via A: %d", status)
 	}
-	if ev := c2.nextEvent(t, 5*time.Second); ev.json(t)["params"].(map[string]any)["data"] != "via-a" {
+	if ev := c2.nextEvent(t, 10*time.Second); ev.json(t)["params"].(map[string]any)["data"] != "via-a" {
 		t.Fatalf("got %s", ev.Data)
 	}
 	c2.quiet(t, 200*time.Millisecond)
@@ -708,11 +708,11 @@ func TestEventsInProcessMode(t *testing.T) {
 	if init := c.skipInit(t); len(init["pendingRequests"].([]any)) != 2 {
 		t.Fatalf("pending: %v", init)
 	}
-	first := c.nextEvent(t, 5*time.Second)
+	first := c.nextEvent(t, 10*time.Second)
 	if status, m := callback(t, p.URL, "/api/internal/callback/async", map[string]any{"request_id": "req-m1", "execution_id": 12}); status != 200 || m["status"] != "delivered" {
 		t.Fatalf("result: %d %v", status, m)
 	}
-	if ev := c.nextEvent(t, 5*time.Second); ev.Event != "playbook/result" || ev.json(t)["params"].(map[string]any)["executionId"] != "12" {
+	if ev := c.nextEvent(t, 10*time.Second); ev.Event != "playbook/result" || ev.json(t)["params"].(map[string]any)["executionId"] != "12" {
 		t.Fatalf("got %+v", ev)
 	}
 	c.Close()
@@ -720,10 +720,10 @@ func TestEventsInProcessMode(t *testing.T) {
 	callback(t, p.URL, "/api/internal/progress", map[string]any{"request_id": "req-m2", "step": "away"})
 	c = openSSE(t, stream, map[string]string{"Last-Event-ID": first.ID})
 	c.skipInit(t)
-	if ev := c.nextEvent(t, 5*time.Second); ev.Event != "playbook/result" {
+	if ev := c.nextEvent(t, 10*time.Second); ev.Event != "playbook/result" {
 		t.Fatalf("replay 1: %+v", ev)
 	}
-	if ev := c.nextEvent(t, 5*time.Second); ev.json(t)["params"].(map[string]any)["step"] != "away" {
+	if ev := c.nextEvent(t, 10*time.Second); ev.json(t)["params"].(map[string]any)["step"] != "away" {
 		t.Fatalf("replay 2: %+v", ev)
 	}
 	c.quiet(t, 200*time.Millisecond)
@@ -733,13 +733,18 @@ func TestMemLogBounds(t *testing.T) {
 	t.Parallel()
 	now := time.Unix(1000, 0)
 	var delivered []uint64
-	l := newMemLog(time.Minute, 3, func(_ string, ev event) { delivered = append(delivered, ev.ID) })
+	var base uint64
+	l := newMemLog(time.Minute, 3, func(_ string, ev event) { delivered = append(delivered, ev.ID-base) })
 	l.now = func() time.Time { return now }
+	base = l.seq
 	for i := 0; i < 5; i++ {
 		l.append(t.Context(), []string{"a", "b"}[i%2], event{Method: "m", Data: json.RawMessage("1")})
 	}
 	ids := func(client string, after uint64) (out []uint64) {
-		l.replay(t.Context(), client, after, func(ev event) error { out = append(out, ev.ID); return nil })
+		if after > 0 {
+			after += base
+		}
+		l.replay(t.Context(), client, after, func(ev event) error { out = append(out, ev.ID-base); return nil })
 		return out
 	}
 	if got := fmt.Sprint(ids("a", 0), ids("b", 0), ids("a", 3)); got != "[3 5] [4] [5]" {
