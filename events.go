@@ -602,8 +602,8 @@ func (b *broker) serve(ctx context.Context, w http.ResponseWriter, c *conn, log 
 	h.Set("Cache-Control", "no-cache")
 	// Tell nginx-style proxies not to buffer the stream.
 	h.Set("X-Accel-Buffering", "no")
-	w.WriteHeader(http.StatusOK)
 	s := &sseStream{w: w, rc: http.NewResponseController(w)}
+	w.WriteHeader(http.StatusOK)
 	log.Debug("SSE stream open", "after", after)
 
 	fmt.Fprintf(&s.buf, "retry: %d\n\n", sseRetryMillis)

@@ -293,11 +293,13 @@ func startInProcess(t testing.TB, env map[string]string, extra func(mux *http.Se
 	if extra != nil {
 		extra(mux)
 	}
-	h := newServer(cfg, log, a.metrics, mux).Handler
+	real := newServer(cfg, log, a.metrics, mux)
 	if wrap != nil {
-		h = wrap(h)
+		real.Handler = wrap(real.Handler)
 	}
-	srv := httptest.NewUnstartedServer(h)
+	srv := httptest.NewUnstartedServer(real.Handler)
+	// The gateway's own server settings (timeouts), on the test listener.
+	srv.Config = real
 	srv.Start()
 	p := &inProcess{Server: srv, app: a, Logs: logs, stop: stop}
 	t.Cleanup(func() {
