@@ -72,7 +72,7 @@ func (b *broker) deliver(w http.ResponseWriter, r *http.Request, kind string, re
 		writeError(w, r, http.StatusServiceUnavailable, "event store unavailable", err)
 		return false
 	}
-	log := loggerFrom(r).With("request_id_cb", requestID, "client_id", rec.ClientID, "kind", kind)
+	log := loggerFrom(r).With("callback_request_id", requestID, "client_id", rec.ClientID, "kind", kind)
 	if delivered {
 		b.metrics.callbacks.with(kind, "delivered").Inc()
 		log.Debug("callback delivered")

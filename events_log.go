@@ -333,6 +333,7 @@ type pendingIndex struct {
 	mu       sync.Mutex
 	byClient map[string]map[string]pendingRequest // client → request id → info
 	owner    map[string]string                    // request id → client
+	updates  int
 }
 
 type pendingRequest struct {
@@ -356,12 +357,16 @@ func (ix *pendingIndex) update(key string, value []byte) {
 	}
 	ix.mu.Lock()
 	defer ix.mu.Unlock()
-	if c, ok := ix.owner[key]; ok {
-		delete(ix.byClient[c], key)
-		if len(ix.byClient[c]) == 0 {
-			delete(ix.byClient, c)
+	ix.removeLocked(key)
+	// Records that expire by TTL send no delete: sweep now and then so the
+	// index stays bounded by what was written within one TTL.
+	if ix.updates++; ix.updates%1024 == 0 {
+		cutoff := time.Now().Add(-ix.ttl)
+		for id, c := range ix.owner {
+			if ix.byClient[c][id].created.Before(cutoff) {
+				ix.removeLocked(id)
+			}
 		}
-		delete(ix.owner, key)
 	}
 	if value == nil {
 		return
@@ -379,6 +384,16 @@ func (ix *pendingIndex) update(key string, value []byte) {
 	}
 	ix.byClient[rec.ClientID][key] = pendingRequest{RequestID: key, ExecutionID: rec.ExecutionID, PlaybookPath: rec.PlaybookPath, created: created}
 	ix.owner[key] = rec.ClientID
+}
+
+func (ix *pendingIndex) removeLocked(id string) {
+	if c, ok := ix.owner[id]; ok {
+		delete(ix.byClient[c], id)
+		if len(ix.byClient[c]) == 0 {
+			delete(ix.byClient, c)
+		}
+		delete(ix.owner, id)
+	}
 }
 
 func (ix *pendingIndex) reset() {
@@ -400,8 +415,7 @@ func (ix *pendingIndex) list(ctx context.Context, clientID string) []pendingRequ
 	cutoff := time.Now().Add(-ix.ttl)
 	for id, p := range ix.byClient[clientID] {
 		if p.created.Before(cutoff) {
-			delete(ix.byClient[clientID], id)
-			delete(ix.owner, id)
+			ix.removeLocked(id)
 			continue
 		}
 		out = append(out, p)

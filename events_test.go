@@ -803,3 +803,35 @@ func scrape(t testing.TB, base string) string {
 	bufio.NewReader(resp.Body).WriteTo(&b)
 	return b.String()
 }
+
+func TestPendingIndex(t *testing.T) {
+	t.Parallel()
+	store := newMemKV(time.Hour)
+	ix := newPendingIndex(time.Hour, store, nil)
+	ix.follow(t.Context())
+	put := func(rid, client string, created int64) {
+		b, _ := json.Marshal(requestRecord{ClientID: client, ExecutionID: "x-" + rid, PlaybookPath: "p", CreatedAt: created})
+		store.Put(t.Context(), rid, b)
+	}
+	now := time.Now().Unix()
+	put("r2", "c1", now-10)
+	put("r1", "c1", now-20)
+	put("r3", "c2", now)
+	put("r-old", "c1", now-7200) // older than the TTL: expired
+	store.Put(t.Context(), "cursor.c1", []byte("5"))
+	store.Put(t.Context(), "client.c1", []byte("owner"))
+	ids := func(client string) (out []string) {
+		for _, p := range ix.list(t.Context(), client) {
+			out = append(out, p.RequestID+"/"+p.ExecutionID)
+		}
+		return out
+	}
+	if got := fmt.Sprint(ids("c1"), ids("c2"), ids("c3")); got != "[r1/x-r1 r2/x-r2] [r3/x-r3] []" {
+		t.Fatalf("got %s", got)
+	}
+	store.Delete(t.Context(), "r1")
+	put("r3", "c1", now) // moved to another client
+	if got := fmt.Sprint(ids("c1"), ids("c2")); got != "[r2/x-r2 r3/x-r3] []" {
+		t.Fatalf("after changes %s", got)
+	}
+}
