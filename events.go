@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -97,6 +98,9 @@ var sessionErrorFrame = struct {
 }{"2.0", rpcError{Code: rpcUnauthorized, Message: "Invalid or expired session"}}
 
 var pingFrame = rpcNotification{JSONRPC: "2.0", Method: "ping", Params: struct{}{}}
+
+// errConnClosed stops a replay when the broker closed the connection.
+var errConnClosed = errors.New("connection closed by the broker")
 
 // closeReason says why the broker ended a connection.
 type closeReason int
@@ -534,7 +538,7 @@ func handleEvents(b *broker) http.Handler {
 			return
 		}
 		after, hasLast := uint64(0), false
-		if v := cmpOr(r.Header.Get("Last-Event-ID"), q.Get("last_event_id")); v != "" {
+		if v := cmp.Or(r.Header.Get("Last-Event-ID"), q.Get("last_event_id")); v != "" {
 			if after, err = strconv.ParseUint(v, 10, 64); err != nil {
 				writeError(w, r, http.StatusBadRequest, "invalid Last-Event-ID", nil)
 				return
@@ -586,14 +590,6 @@ func handleEvents(b *broker) http.Handler {
 	})
 }
 
-// cmpOr is cmp.Or for strings without importing cmp for one call.
-func cmpOr(a, b string) string {
-	if a != "" {
-		return a
-	}
-	return b
-}
-
 // serve runs one registered stream until the client goes, the broker closes
 // it, or the gateway shuts down.
 func (b *broker) serve(ctx context.Context, w http.ResponseWriter, c *conn, log *slog.Logger, generated bool, after uint64) {
@@ -628,25 +624,6 @@ func (b *broker) serve(ctx context.Context, w http.ResponseWriter, c *conn, log 
 	// Live events have been queuing since register; replay what was kept
 	// before, then skip queued events already sent.
 	st := &streamState{b: b, s: s, c: c, log: log, cursor: after, sent: after}
-	if !generated {
-		err := b.events.replay(ctx, c.clientID, after, func(ev event) error {
-			c.took(ev.ID)
-			return st.send(ctx, ev, "replayed")
-		})
-		if err == nil {
-			err = st.commit(ctx)
-		}
-		if err != nil {
-			// Ending the stream makes the browser come back with its
-			// Last-Event-ID: better than a gap.
-			log.Warn("SSE replay failed; ending stream", "err", err)
-			return
-		}
-	}
-
-	go b.recheck(c, log)
-	heartbeat := time.NewTicker(b.cfg.Heartbeat)
-	defer heartbeat.Stop()
 	// finish ends a stream the broker closed.
 	finish := func() {
 		switch c.reason {
@@ -660,6 +637,32 @@ func (b *broker) serve(ctx context.Context, w http.ResponseWriter, c *conn, log 
 			log.Info("SSE stream closed: client could not keep up")
 		}
 	}
+	if !generated {
+		err := b.events.replay(ctx, c.clientID, after, func(ev event) error {
+			if c.closed() {
+				return errConnClosed
+			}
+			c.took(ev.ID)
+			return st.send(ctx, ev, "replayed")
+		})
+		if err == nil {
+			err = st.commit(ctx)
+		}
+		switch {
+		case errors.Is(err, errConnClosed):
+			finish()
+			return
+		case err != nil:
+			// Ending the stream makes the browser come back with its
+			// Last-Event-ID: better than a gap.
+			log.Warn("SSE replay failed; ending stream", "err", err)
+			return
+		}
+	}
+
+	go b.recheck(c, log)
+	heartbeat := time.NewTicker(b.cfg.Heartbeat)
+	defer heartbeat.Stop()
 	for {
 		// A closed connection stops at once, even with events queued: they
 		// are in the log for the reconnect.
