@@ -147,6 +147,9 @@ type natsLog struct {
 	readyCh chan struct{}
 }
 
+// replayNextWait bounds the wait for each replayed message.
+const replayNextWait = 10 * time.Second
+
 const (
 	hdrMethod  = "Gateway-Event"
 	hdrRequest = "Gateway-Request-Id"
@@ -230,7 +233,11 @@ func (l *natsLog) replay(ctx context.Context, clientID string, after uint64, fn 
 	}
 	defer it.Stop()
 	for {
-		m, err := it.Next(jetstream.NextContext(ctx))
+		// Bounded: if the last message expired meanwhile, the stream ends and
+		// the reconnect replays against the new end.
+		nctx, cancel := context.WithTimeout(ctx, replayNextWait)
+		m, err := it.Next(jetstream.NextContext(nctx))
+		cancel()
 		if err != nil {
 			return fmt.Errorf("replaying client %s: %w", clientID, err)
 		}

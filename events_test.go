@@ -721,3 +721,42 @@ func TestPendingIndex(t *testing.T) {
 		t.Fatalf("after changes %s", got)
 	}
 }
+
+func BenchmarkEncodeSSE(b *testing.B) {
+	msg := rpcNotification{JSONRPC: "2.0", Method: "playbook/result", Params: map[string]any{"requestId": "r", "executionId": "e", "status": "COMPLETED", "data": map[string]any{"rows": []int{1, 2, 3}}}}
+	var buf bytes.Buffer
+	for b.Loop() {
+		buf.Reset()
+		if err := encodeSSE(&buf, "123456", "playbook/result", msg); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkBrokerPublish is the in-process path of one callback: keep the
+// event, hand it to the live connection's queue, confirm it was taken.
+func BenchmarkBrokerPublish(b *testing.B) {
+	// A queue large enough that the reader below never lags into an
+	// overflow: this measures the publish path, not a slow client.
+	cfg, err := loadConfig(func(k string) string { return map[string]string{"SSE_CLIENT_BUFFER": "65536"}[k] })
+	if err != nil {
+		b.Fatal(err)
+	}
+	m := newMetrics()
+	requests := newMemKV(cfg.RequestTTL)
+	br := newBroker(b.Context(), cfg, newLogger(cfg, io.Discard), m, nil, requests, nil)
+	c, err := br.register("bench-client", "tok")
+	if err != nil {
+		b.Fatal(err)
+	}
+	go func() {
+		for range c.queue {
+		}
+	}()
+	msg := rpcNotification{JSONRPC: "2.0", Method: "playbook/progress", Params: map[string]any{"requestId": "r", "progress": 0.5}}
+	for b.Loop() {
+		if ok, err := br.publish(b.Context(), "bench-client", "playbook/progress", "r", msg); err != nil || !ok {
+			b.Fatalf("publish: %v %v", ok, err)
+		}
+	}
+}
