@@ -760,3 +760,28 @@ func BenchmarkBrokerPublish(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkCallbackAcrossReplicas is one progress callback posted to
+// replica B and read by a browser stream on replica A, through JetStream.
+func BenchmarkCallbackAcrossReplicas(b *testing.B) {
+	ns, noetl := startNATS(b), startNoETL(b)
+	noetl.addSession("tok-bench", testUser, time.Now().Add(time.Hour))
+	env := map[string]string{"LOG_LEVEL": "info"}
+	ga, gb := natsGateway(b, ns, noetl, env), natsGateway(b, ns, noetl, env)
+	putRequest(b, requestsKV(b, ns), "req-bench", "client-bench", "tok-bench", "e")
+	c := openSSE(b, ga.URL+"/events?session_token=tok-bench&client_id=client-bench", nil)
+	c.skipInit(b)
+	body := []byte(`{"request_id":"req-bench","step":"s","progress":0.5}`)
+	for b.Loop() {
+		resp, err := http.Post(gb.URL+"/api/internal/progress", "application/json", bytes.NewReader(body))
+		if err != nil {
+			b.Fatal(err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			b.Fatalf("status %d", resp.StatusCode)
+		}
+		c.nextEvent(b, 10*time.Second)
+	}
+}
