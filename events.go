@@ -108,7 +108,7 @@ type closeReason int
 const (
 	closeReplaced closeReason = iota + 1 // same client_id connected again
 	closeOverflow                        // queue full: the client cannot keep up
-	closeSession                         // logout, revoked or expired session
+	closeRevoked                         // logout, revoked or expired session
 	closeGone                            // the client left or the stream failed
 )
 
@@ -369,7 +369,7 @@ func (b *broker) closeSession(token string) {
 	}
 	b.mu.Unlock()
 	for _, c := range conns {
-		c.close(closeSession)
+		c.close(closeRevoked)
 	}
 	if len(conns) > 0 {
 		b.log.Info("closed SSE streams of a revoked session", "session", tokenID(token), "streams", len(conns))
@@ -627,7 +627,7 @@ func (b *broker) serve(ctx context.Context, w http.ResponseWriter, c *conn, log 
 	// finish ends a stream the broker closed.
 	finish := func() {
 		switch c.reason {
-		case closeSession:
+		case closeRevoked:
 			s.frame(0, "error", sessionErrorFrame)
 			s.flush()
 			log.Info("SSE stream closed: session no longer valid")
@@ -777,7 +777,7 @@ func (b *broker) recheck(c *conn, log *slog.Logger) {
 			_, err := b.resolver.Resolve(ctx, c.token)
 			cancel()
 			if errors.Is(err, errInvalidSession) {
-				c.close(closeSession)
+				c.close(closeRevoked)
 				return
 			}
 			if err != nil {

@@ -785,3 +785,50 @@ func BenchmarkCallbackAcrossReplicas(b *testing.B) {
 		c.nextEvent(b, 10*time.Second)
 	}
 }
+
+// After a NATS restart, open streams keep receiving: the live consumer and
+// the control subscription come back by themselves.
+func TestEventsSurviveNATSRestart(t *testing.T) {
+	t.Parallel()
+	ns, noetl := startNATS(t), startNoETL(t)
+	noetl.addSession("tok-nr", testUser, time.Now().Add(time.Hour))
+	a := natsGateway(t, ns, noetl, nil)
+	b := natsGateway(t, ns, noetl, nil)
+	kv := requestsKV(t, ns)
+	putRequest(t, kv, "req-nr", "client-nr", "tok-nr", "e")
+	c := openSSE(t, a.URL+"/events?session_token=tok-nr&client_id=client-nr", nil)
+	c.skipInit(t)
+	if status, _ := callback(t, b.URL, "/api/internal/progress", map[string]any{"request_id": "req-nr", "step": "before"}); status != 200 {
+		t.Fatalf("before: %d", status)
+	}
+	c.nextEvent(t, 10*time.Second)
+
+	ns.stop()
+	ns.start()
+	for _, g := range []*gateway{a, b} {
+		waitFor(t, 15*time.Second, "NATS back", func() bool {
+			_, _, m := doJSON(t, "GET", g.URL+"/ready", nil, nil)
+			checks, _ := m["checks"].(map[string]any)
+			return checks["nats"] == "ok"
+		})
+	}
+	var status int
+	waitFor(t, 15*time.Second, "a delivered callback after the restart", func() bool {
+		status, _ = callback(t, b.URL, "/api/internal/progress", map[string]any{"request_id": "req-nr", "step": "after"})
+		return status == 200
+	})
+	// The delivered event arrives (and any kept by earlier 202s), nothing else.
+	if ev := c.nextEvent(t, 15*time.Second); ev.json(t)["params"].(map[string]any)["step"] != "after" {
+		t.Fatalf("got %s", ev.Data)
+	}
+	for {
+		select {
+		case ev := <-c.events:
+			if ev.Event != "ping" && ev.json(t)["params"].(map[string]any)["step"] != "after" {
+				t.Fatalf("got %s", ev.Data)
+			}
+		case <-time.After(300 * time.Millisecond):
+			return
+		}
+	}
+}
