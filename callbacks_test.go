@@ -120,3 +120,24 @@ func TestCallbackValidation(t *testing.T) {
 		t.Fatalf("queued: %d %v", status, m)
 	}
 }
+
+// With GATEWAY_INTERNAL_ADDR the worker routes live on the internal listener
+// only.
+func TestCallbacksOnInternalListener(t *testing.T) {
+	t.Parallel()
+	ns, noetl := startNATS(t), startNoETL(t)
+	noetl.addSession("tok-i", testUser, time.Now().Add(time.Hour))
+	g := natsGateway(t, ns, noetl, map[string]string{"GATEWAY_INTERNAL_ADDR": "127.0.0.1:0"})
+	putRequest(t, requestsKV(t, ns), "req-i", "client-i", "tok-i", "e")
+	c := openSSE(t, g.URL+"/events?session_token=tok-i&client_id=client-i", nil)
+	c.skipInit(t)
+	if status, _ := callback(t, g.URL, "/api/internal/progress", map[string]any{"request_id": "req-i"}); status != 404 {
+		t.Fatalf("public listener: %d", status)
+	}
+	if status, m := callback(t, g.InternalURL, "/api/internal/progress", map[string]any{"request_id": "req-i", "step": "x"}); status != 200 || m["status"] != "delivered" {
+		t.Fatalf("internal listener: %d %v", status, m)
+	}
+	if ev := c.nextEvent(t, 10*time.Second); ev.Event != "playbook/progress" {
+		t.Fatalf("got %+v", ev)
+	}
+}
