@@ -262,11 +262,20 @@ func (l *natsLog) replay(ctx context.Context, clientID string, after uint64, fn 
 // after the last event it delivered, so a NATS outage loses nothing.
 func (l *natsLog) run(ctx context.Context) {
 	var pos atomic.Uint64 // last stream sequence handed to deliver
-	started := false
+	started, warned := false, false
 	backoff := 100 * time.Millisecond
 	for ctx.Err() == nil {
-		if l.follow(ctx, &pos, &started) {
-			backoff = 100 * time.Millisecond
+		err := l.follow(ctx, &pos, &started)
+		switch {
+		case err == nil:
+			backoff, warned = 100*time.Millisecond, false
+		case ctx.Err() != nil:
+		case !warned:
+			// Once per outage: SSE delivery is down until it recovers.
+			l.log.Warn("cannot follow the events stream; retrying", "stream", l.stream.cfg.Name, "err", err)
+			warned = true
+		default:
+			l.log.Debug("events stream still unavailable", "err", err)
 		}
 		select {
 		case <-ctx.Done():
@@ -276,17 +285,16 @@ func (l *natsLog) run(ctx context.Context) {
 	}
 }
 
-func (l *natsLog) follow(ctx context.Context, pos *atomic.Uint64, started *bool) bool {
+// follow runs one ordered consumer until it ends; nil means it ran.
+func (l *natsLog) follow(ctx context.Context, pos *atomic.Uint64, started *bool) error {
 	st, err := l.stream.get(ctx)
 	if err != nil {
-		l.log.Debug("events stream unavailable", "err", err)
-		return false
+		return err
 	}
 	if !*started {
 		info, err := st.Info(ctx)
 		if err != nil {
-			l.log.Debug("events stream info failed", "err", err)
-			return false
+			return fmt.Errorf("reading stream info: %w", err)
 		}
 		pos.Store(info.State.LastSeq)
 		*started = true
@@ -298,8 +306,7 @@ func (l *natsLog) follow(ctx context.Context, pos *atomic.Uint64, started *bool)
 		OptStartSeq:    from,
 	})
 	if err != nil {
-		l.log.Debug("events consumer failed", "err", err)
-		return false
+		return fmt.Errorf("creating the events consumer: %w", err)
 	}
 	cc, err := cons.Consume(func(m jetstream.Msg) {
 		clientID, ev, ok := eventFromMsg(m)
@@ -310,8 +317,7 @@ func (l *natsLog) follow(ctx context.Context, pos *atomic.Uint64, started *bool)
 		l.deliver(clientID, ev)
 	})
 	if err != nil {
-		l.log.Debug("events consume failed", "err", err)
-		return false
+		return fmt.Errorf("consuming events: %w", err)
 	}
 	select {
 	case <-l.readyCh:
@@ -325,7 +331,7 @@ func (l *natsLog) follow(ctx context.Context, pos *atomic.Uint64, started *bool)
 	case <-cc.Closed():
 		l.log.Warn("events consumer ended; restarting", "after", pos.Load())
 	}
-	return true
+	return nil
 }
 
 // pendingIndex maps client_id to its pending requests (the init message's
