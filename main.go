@@ -74,6 +74,7 @@ type app struct {
 	access     *accessChecker
 	verifier   *verifier   // nil when no identity provider is configured
 	rendezvous *rendezvous // auth playbook callbacks (SPEC §7.1)
+	broker     *broker     // SSE connections and the event log (events.go)
 }
 
 func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
@@ -100,56 +101,15 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	defer stop()
 
 	log := newLogger(cfg, stdout)
-	a := &app{cfg: cfg, log: log, metrics: newMetrics()}
-	if cfg.AuthBypass {
-		a.metrics.authBypass.with().Set(1)
-		log.Warn("GATEWAY_AUTH_BYPASS is on: every request is the dev user")
-	}
-	if !cfg.IdentityConfigured() {
-		log.Warn("no identity provider configured (AUTH0_DOMAIN or OIDC_ISSUER): /api/auth/login answers 503")
-	}
-
-	if cfg.InProcess() {
-		log.Info("in-process mode: state kept in memory, one replica only (set NATS_URL to run several)")
-		a.sessions = newMemKV(cfg.SessionCacheTTL)
-		a.revoked = newMemKV(cfg.SessionMaxLifetime)
-		a.requests = newMemKV(cfg.RequestTTL)
-	} else {
-		a.nats, err = connectNATS(cfg, log, a.metrics)
-		if err != nil {
-			return err
-		}
-		log.Info("NATS mode: state shared through JetStream")
-		a.sessions = a.nats.kv(cfg.SessionBucket, "Session cache for gateway authentication", cfg.SessionCacheTTL)
-		a.revoked = a.nats.kv(cfg.RevocationBucket, "Revoked gateway sessions (logout tombstones)", cfg.SessionMaxLifetime)
-		a.requests = a.nats.kv(cfg.RequestBucket, "Pending async playbook requests", cfg.RequestTTL)
-	}
-	a.noetl = newNoETLClient(cfg)
-	var nc *nats.Conn
-	kvUp := func() bool { return true }
-	if a.nats != nil {
-		nc = a.nats.nc
-		kvUp = nc.IsConnected
-	}
-	a.rendezvous = newRendezvous(cfg, nc, log, a.metrics)
-	if err := a.rendezvous.start(ctx); err != nil {
-		a.nats.drain(context.Background())
-		return err
-	}
-	a.resolver = newResolver(cfg, a.sessions, a.revoked, a.noetl, a.rendezvous, a.metrics, log, kvUp)
-	a.resolver.start(ctx)
-	a.access = newAccessChecker(cfg, a.noetl, a.rendezvous, a.metrics)
-	a.resolver.OnRevoke(a.access.forget)
-	if cfg.IdentityConfigured() {
-		a.verifier = newVerifier(cfg, log, a.metrics, time.Now)
-		go a.verifier.jwks.run(ctx)
-	}
-	log.Info("starting", "version", version, "config", cfg)
-
 	// streams ends every long-lived handler (SSE) at shutdown; Shutdown
 	// itself never interrupts active connections.
 	streams, endStreams := context.WithCancel(context.Background())
 	defer endStreams()
+	a, err := newApp(ctx, streams, cfg, log)
+	if err != nil {
+		return err
+	}
+	log.Info("starting", "version", version, "config", cfg)
 
 	public := http.NewServeMux()
 	internal := public
@@ -212,6 +172,62 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	a.nats.drain(sctx)
 	log.Info("stopped")
 	return err
+}
+
+// newApp builds every piece of the gateway from cfg: stores (memory or NATS
+// JetStream), the NoETL client, the auth rendezvous, the session resolver
+// and its watchers, access decisions, the ID token verifier and the SSE
+// broker. Background work runs until ctx ends; SSE streams until streams
+// ends.
+func newApp(ctx, streams context.Context, cfg Config, log *slog.Logger) (*app, error) {
+	a := &app{cfg: cfg, log: log, metrics: newMetrics()}
+	if cfg.AuthBypass {
+		a.metrics.authBypass.with().Set(1)
+		log.Warn("GATEWAY_AUTH_BYPASS is on: every request is the dev user")
+	}
+	if !cfg.IdentityConfigured() {
+		log.Warn("no identity provider configured (AUTH0_DOMAIN or OIDC_ISSUER): /api/auth/login answers 503")
+	}
+
+	if cfg.InProcess() {
+		log.Info("in-process mode: state kept in memory, one replica only (set NATS_URL to run several)")
+		a.sessions = newMemKV(cfg.SessionCacheTTL)
+		a.revoked = newMemKV(cfg.SessionMaxLifetime)
+		a.requests = newMemKV(cfg.RequestTTL)
+	} else {
+		var err error
+		if a.nats, err = connectNATS(cfg, log, a.metrics); err != nil {
+			return nil, err
+		}
+		log.Info("NATS mode: state shared through JetStream")
+		a.sessions = a.nats.kv(cfg.SessionBucket, "Session cache for gateway authentication", cfg.SessionCacheTTL)
+		a.revoked = a.nats.kv(cfg.RevocationBucket, "Revoked gateway sessions (logout tombstones)", cfg.SessionMaxLifetime)
+		a.requests = a.nats.kv(cfg.RequestBucket, "Pending async playbook requests", cfg.RequestTTL)
+	}
+	a.noetl = newNoETLClient(cfg)
+	var nc *nats.Conn
+	kvUp := func() bool { return true }
+	if a.nats != nil {
+		nc = a.nats.nc
+		kvUp = nc.IsConnected
+	}
+	a.rendezvous = newRendezvous(cfg, nc, log, a.metrics)
+	if err := a.rendezvous.start(ctx); err != nil {
+		a.nats.drain(context.Background())
+		return nil, err
+	}
+	a.resolver = newResolver(cfg, a.sessions, a.revoked, a.noetl, a.rendezvous, a.metrics, log, kvUp)
+	a.resolver.start(ctx)
+	a.access = newAccessChecker(cfg, a.noetl, a.rendezvous, a.metrics)
+	a.resolver.OnRevoke(a.access.forget)
+	if cfg.IdentityConfigured() {
+		a.verifier = newVerifier(cfg, log, a.metrics, time.Now)
+		go a.verifier.jwks.run(ctx)
+	}
+	a.broker = newBroker(streams, cfg, log, a.metrics, a.resolver, a.requests, a.nats)
+	// A logout on any replica ends that session's streams at once.
+	a.resolver.OnRevoke(a.broker.closeSession)
+	return a, nil
 }
 
 // newServer wraps a mux in the middleware stack, outermost first: request log
@@ -280,15 +296,15 @@ func routes(public, internal *http.ServeMux, a *app, streams context.Context) {
 	public.Handle("POST /api/auth/validate", handleValidate(a.resolver))
 	public.Handle("POST /api/auth/check-access", handleCheckAccess(a.resolver, a.access))
 	public.Handle("POST /api/auth/logout", handleLogout(cfg, a.resolver, a.noetl))
-	public.Handle("GET /events", notImplemented())
+	public.Handle("GET /events", handleEvents(a.broker))
 	schema := newGatewaySchema(cfg, a.noetl, a.access, a.requests)
 	public.Handle("GET /graphql", requireSession(a.resolver, handleGraphiQL()))
 	public.Handle("POST /graphql", requireSession(a.resolver, handleGraphQL(schema)))
 	public.Handle("/noetl/{path...}", requireSession(a.resolver, handleProxy(cfg, a.log, a.access)))
 
 	internal.Handle("POST /api/internal/callback", internalOnly(cfg, onInternal, handleAuthCallback(a.rendezvous)))
-	internal.Handle("POST /api/internal/callback/async", internalOnly(cfg, onInternal, notImplemented()))
-	internal.Handle("POST /api/internal/progress", internalOnly(cfg, onInternal, notImplemented()))
+	internal.Handle("POST /api/internal/callback/async", internalOnly(cfg, onInternal, handleCallbackAsync(a.broker)))
+	internal.Handle("POST /api/internal/progress", internalOnly(cfg, onInternal, handleProgress(a.broker)))
 	metricsH := handleMetrics(a.metrics)
 	if !onInternal {
 		// On the public listener the metrics are for the local scraper only.
@@ -333,12 +349,5 @@ func loopbackOnly(next http.Handler) http.Handler {
 			return
 		}
 		next.ServeHTTP(w, r)
-	})
-}
-
-// notImplemented stands in for routes whose capability has not landed yet.
-func notImplemented() http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		writeError(w, r, http.StatusNotImplemented, "not implemented", nil)
 	})
 }

@@ -234,7 +234,9 @@ type callbackMsg struct {
 	Data        json.RawMessage `json:"data"`
 }
 
-// validRequestID keeps request ids usable as NATS subject tokens.
+// validRequestID is the request_id shape: 1–128 of [A-Za-z0-9_-] (the
+// gateway issues UUIDs); it keeps ids usable as K/V keys and NATS subject
+// tokens.
 func validRequestID(id string) bool { return validClientID(id) }
 
 // rendezvous pairs auth playbook runs with their callbacks (SPEC §7.1). The
