@@ -13,6 +13,7 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -92,6 +93,10 @@ func handleProxy(cfg Config, log *slog.Logger, access *accessChecker) http.Handl
 		// SSE and long downloads from NoETL pass as they come (SPEC §4),
 		// while a small JSON reply goes out in one write instead of a
 		// header write plus a body write.
+		// Without a pool ReverseProxy allocates a 32 KiB copy buffer per
+		// request: three quarters of the gateway's allocation and most of
+		// its GC work under load (see docs/BENCHMARKS.md).
+		BufferPool:     &copyBuffers{},
 		ErrorLog:       slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 		ErrorHandler:   proxyError,
 		ModifyResponse: cleanUpstreamResponse,
@@ -123,6 +128,18 @@ func handleProxy(cfg Config, log *slog.Logger, access *accessChecker) http.Handl
 		rp.ServeHTTP(w, r.WithContext(ctx))
 	})
 }
+
+// copyBuffers recycles ReverseProxy's body copy buffers.
+type copyBuffers struct{ pool sync.Pool }
+
+func (b *copyBuffers) Get() []byte {
+	if p, ok := b.pool.Get().(*[]byte); ok {
+		return *p
+	}
+	return make([]byte, 32<<10)
+}
+
+func (b *copyBuffers) Put(buf []byte) { b.pool.Put(&buf) }
 
 // canonicalProxyPath checks the raw (still escaped) request path of a
 // /noetl/ request and returns the decoded path below it. It refuses anything

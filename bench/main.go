@@ -118,7 +118,7 @@ func runBench(o options) error {
 		return err
 	}
 	be := startBackend(idp)
-	control, stopControl, err := startControlProcess(be.url)
+	control, controlPid, stopControl, err := startControlProcess(be.url)
 	if err != nil {
 		return err
 	}
@@ -152,18 +152,20 @@ func runBench(o options) error {
 	}
 	defer gwKV.stop()
 
-	token := "benchsession0001"
-	be.addSession(token)
+	token := "benchsession"
+	for i := range slices.Max(o.conns) {
+		be.addSession(fmt.Sprintf("%s%04d", token, i))
+	}
 	fmt.Printf("machine: %d CPUs, %s; gateway pid %d (NATS mode), near-cache-off gateway pid %d\n\n", runtimeCPUs(), goVersion(), gw.cmd.Process.Pid, gwKV.cmd.Process.Pid)
 
 	scenarios := []scenario{
-		{"1 direct backend", be.url + "/api/bench", ""},
-		{"2 control proxy", control + "/noetl/bench", ""},
-		{"3 gateway (near cache)", gw.url + "/noetl/bench", token},
-		{"4 gateway (K/V every request)", gwKV.url + "/noetl/bench", token},
+		{"1 direct backend", be.url + "/api/bench", "", 0},
+		{"2 control proxy", control + "/noetl/bench", "", controlPid},
+		{"3 gateway (near cache)", gw.url + "/noetl/bench", token, gw.cmd.Process.Pid},
+		{"4 gateway (K/V every request)", gwKV.url + "/noetl/bench", token, gwKV.cmd.Process.Pid},
 	}
 	if o.target != "" {
-		scenarios = append(scenarios, scenario{"x your proxy (-target)", strings.TrimRight(o.target, "/") + "/noetl/bench", token})
+		scenarios = append(scenarios, scenario{"x your proxy (-target)", strings.TrimRight(o.target, "/") + "/noetl/bench", token, 0})
 	}
 	results := map[string]map[int][]loadResult{}
 	for _, c := range o.conns {
@@ -179,21 +181,25 @@ func runBench(o options) error {
 			}
 		}
 	}
-	fmt.Printf("%-32s %6s %12s %10s %10s %10s %8s\n", "scenario", "conns", "req/s", "p50", "p99", "p99.9", "errors")
+	fmt.Printf("%-32s %6s %12s %10s %10s %10s %8s %12s\n", "scenario", "conns", "req/s", "p50", "p99", "p99.9", "errors", "proxy CPU/req")
 	med := map[string]map[int]loadResult{}
 	for _, s := range scenarios {
 		med[s.name] = map[int]loadResult{}
 		for _, c := range o.conns {
 			m := median(results[s.name][c])
 			med[s.name][c] = m
-			fmt.Printf("%-32s %6d %12.0f %10s %10s %10s %8d\n", s.name, c, m.rps, fmtDur(m.p50), fmtDur(m.p99), fmtDur(m.p999), m.errors)
+			cpu := "-"
+			if s.pid != 0 {
+				cpu = fmtDur(m.cpuPerReq)
+			}
+			fmt.Printf("%-32s %6d %12.0f %10s %10s %10s %8d %12s\n", s.name, c, m.rps, fmtDur(m.p50), fmtDur(m.p99), fmtDur(m.p999), m.errors, cpu)
 		}
 	}
 	fmt.Println()
 	for _, c := range o.conns {
 		g, ctl, kv := med[scenarios[2].name][c], med[scenarios[1].name][c], med[scenarios[3].name][c]
-		fmt.Printf("conns %-3d gateway/control req/s = %.2f   K/V path/near path req/s = %.2f   added p50 vs control = %s\n",
-			c, g.rps/ctl.rps, kv.rps/g.rps, fmtDur(g.p50-ctl.p50))
+		fmt.Printf("conns %-3d gateway/control req/s = %.2f   K/V path/near path req/s = %.2f   added p50 vs control = %s   CPU/req gateway/control = %.2f\n",
+			c, g.rps/ctl.rps, kv.rps/g.rps, fmtDur(g.p50-ctl.p50), float64(g.cpuPerReq)/float64(max(ctl.cpuPerReq, 1)))
 	}
 	fmt.Println()
 
@@ -203,7 +209,7 @@ func runBench(o options) error {
 	if err := logins(o, gw, idp); err != nil {
 		fmt.Println("logins:", err)
 	}
-	if err := sse(o, gw, be, natsURL, token); err != nil {
+	if err := sse(o, gw, be, natsURL, token+"0000"); err != nil {
 		fmt.Println("sse:", err)
 	}
 	return nil
@@ -224,12 +230,14 @@ func maps(a, b map[string]string) map[string]string {
 
 type scenario struct {
 	name, url, token string
+	pid              int // the proxy's process, for CPU time per request (0: none)
 }
 
 type loadResult struct {
 	rps            float64
 	p50, p99, p999 time.Duration
 	errors         int
+	cpuPerReq      time.Duration // CPU time of the proxy process per request
 }
 
 // load runs a closed loop: c workers, each on its own keep-alive
@@ -248,7 +256,9 @@ func load(s scenario, c int, warmup, d time.Duration) loadResult {
 		wg.Go(func() {
 			req, _ := http.NewRequest("GET", s.url, nil)
 			if s.token != "" {
-				req.Header.Set("Authorization", "Bearer "+s.token)
+				// One session per connection, like real users: concurrent
+				// requests of one token would share a single K/V lookup.
+				req.Header.Set("Authorization", "Bearer "+fmt.Sprintf("%s%04d", s.token, i))
 			}
 			for {
 				select {
@@ -277,9 +287,11 @@ func load(s scenario, c int, warmup, d time.Duration) loadResult {
 	time.Sleep(warmup)
 	measuring.Store(true)
 	start := time.Now()
+	cpu0 := cpuTime(s.pid)
 	time.Sleep(d)
 	measuring.Store(false)
 	elapsed := time.Since(start)
+	cpu := cpuTime(s.pid) - cpu0
 	close(stop)
 	wg.Wait()
 	var all []time.Duration
@@ -290,6 +302,9 @@ func load(s scenario, c int, warmup, d time.Duration) loadResult {
 	}
 	slices.Sort(all)
 	res.rps = float64(len(all)) / elapsed.Seconds()
+	if len(all) > 0 && s.pid != 0 {
+		res.cpuPerReq = cpu / time.Duration(len(all))
+	}
 	res.p50, res.p99, res.p999 = pct(all, 0.50), pct(all, 0.99), pct(all, 0.999)
 	return res
 }
@@ -316,12 +331,30 @@ func median(rs []loadResult) loadResult {
 		errs += r.errors
 	}
 	return loadResult{
-		rps:    pick(func(r loadResult) float64 { return r.rps }),
-		p50:    time.Duration(pick(func(r loadResult) float64 { return float64(r.p50) })),
-		p99:    time.Duration(pick(func(r loadResult) float64 { return float64(r.p99) })),
-		p999:   time.Duration(pick(func(r loadResult) float64 { return float64(r.p999) })),
-		errors: errs,
+		rps:       pick(func(r loadResult) float64 { return r.rps }),
+		p50:       time.Duration(pick(func(r loadResult) float64 { return float64(r.p50) })),
+		p99:       time.Duration(pick(func(r loadResult) float64 { return float64(r.p99) })),
+		p999:      time.Duration(pick(func(r loadResult) float64 { return float64(r.p999) })),
+		errors:    errs,
+		cpuPerReq: time.Duration(pick(func(r loadResult) float64 { return float64(r.cpuPerReq) })),
 	}
+}
+
+// cpuTime is the user+system CPU time a process has used (Linux).
+func cpuTime(pid int) time.Duration {
+	if pid == 0 {
+		return 0
+	}
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	// Fields after the command name (which may hold spaces): utime is the
+	// 14th field, stime the 15th, in clock ticks of 1/100 s.
+	f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+2:]))
+	ut, _ := strconv.ParseInt(f[11], 10, 64)
+	st, _ := strconv.ParseInt(f[12], 10, 64)
+	return time.Duration(ut+st) * 10 * time.Millisecond
 }
 
 func fmtDur(d time.Duration) string {
@@ -702,26 +735,26 @@ func startBackend(idp *idp) *backend {
 }
 
 // startControlProcess runs this program again as the control proxy.
-func startControlProcess(backendURL string) (string, func(), error) {
+func startControlProcess(backendURL string) (string, int, func(), error) {
 	self, err := os.Executable()
 	if err != nil {
-		return "", nil, err
+		return "", 0, nil, err
 	}
 	cmd := exec.Command(self, "-serve-control", backendURL)
 	out, err := cmd.StdoutPipe()
 	if err != nil {
-		return "", nil, err
+		return "", 0, nil, err
 	}
 	cmd.Stderr = os.Stderr
 	if err := cmd.Start(); err != nil {
-		return "", nil, err
+		return "", 0, nil, err
 	}
 	line, err := bufio.NewReader(out).ReadString('\n')
 	if err != nil {
 		cmd.Process.Kill()
-		return "", nil, fmt.Errorf("control proxy: %w", err)
+		return "", 0, nil, fmt.Errorf("control proxy: %w", err)
 	}
-	return strings.TrimSpace(line), func() { cmd.Process.Kill(); cmd.Wait() }, nil
+	return strings.TrimSpace(line), cmd.Process.Pid, func() { cmd.Process.Kill(); cmd.Wait() }, nil
 }
 
 // startControl is the baseline: a bare ReverseProxy of a few lines.
