@@ -115,8 +115,11 @@ type conn struct {
 	clientID string
 	token    string
 	gen      uint64 // tells a connection from the one that replaced it
-	queue    chan event
-	done     chan struct{}
+	// queue holds pointers: a channel buffer is allocated whole when the
+	// connection opens, so its element size is paid SSE_CLIENT_BUFFER
+	// times for every idle connection.
+	queue chan *event
+	done  chan struct{}
 
 	closeOnce sync.Once
 	reason    closeReason // written before done is closed
@@ -270,7 +273,7 @@ func (b *broker) register(clientID, token string) (*conn, error) {
 		return nil, errTooManyClientsSession
 	}
 	b.gen++
-	c := &conn{clientID: clientID, token: token, gen: b.gen, queue: make(chan event, b.cfg.SSEClientBuffer), done: make(chan struct{})}
+	c := &conn{clientID: clientID, token: token, gen: b.gen, queue: make(chan *event, b.cfg.SSEClientBuffer), done: make(chan struct{})}
 	if old != nil {
 		b.removeLocked(old.conn)
 		old.conn.close(closeReplaced)
@@ -347,7 +350,7 @@ func (b *broker) dispatch(clientID string, ev event) {
 		return
 	}
 	select {
-	case c.queue <- ev:
+	case c.queue <- &ev:
 		c.took(ev.ID)
 	default:
 		b.metrics.sseEvents.with("overflow_disconnect").Inc()
@@ -648,7 +651,8 @@ func (b *broker) serve(ctx context.Context, w http.ResponseWriter, c *conn, log 
 		}
 	}
 
-	go b.recheck(c, log)
+	stopRecheck := b.recheck(c, log)
+	defer stopRecheck()
 	heartbeat := time.NewTicker(b.cfg.Heartbeat)
 	defer heartbeat.Stop()
 	for {
@@ -674,11 +678,11 @@ func (b *broker) serve(ctx context.Context, w http.ResponseWriter, c *conn, log 
 				return
 			}
 		case ev := <-c.queue:
-			err := st.send(ctx, ev, "delivered")
+			err := st.send(ctx, *ev, "delivered")
 			for more := true; more && err == nil; {
 				select {
 				case ev := <-c.queue:
-					err = st.send(ctx, ev, "delivered")
+					err = st.send(ctx, *ev, "delivered")
 				default:
 					more = false
 				}
@@ -750,27 +754,39 @@ func (st *streamState) commit(ctx context.Context) error {
 
 // recheck re-resolves the stream's session every SSE_SESSION_RECHECK_SECS
 // and closes the stream when it is no longer valid. An unavailable NoETL
-// does not end streams.
-func (b *broker) recheck(c *conn, log *slog.Logger) {
-	t := time.NewTicker(b.cfg.SSESessionRecheck)
-	defer t.Stop()
-	for {
-		select {
-		case <-c.done:
+// does not end streams. A timer, not a goroutine: an idle connection then
+// costs one goroutine (its handler), not two. The returned func stops it.
+func (b *broker) recheck(c *conn, log *slog.Logger) (stop func()) {
+	var mu sync.Mutex
+	stopped := false
+	var t *time.Timer
+	// Held while t is assigned, so the first run sees it.
+	mu.Lock()
+	defer mu.Unlock()
+	t = time.AfterFunc(b.cfg.SSESessionRecheck, func() {
+		if c.closed() || b.ctx.Err() != nil {
 			return
-		case <-b.ctx.Done():
-			return
-		case <-t.C:
-			ctx, cancel := context.WithTimeout(b.ctx, b.cfg.NoETLTimeout)
-			_, err := b.resolver.Resolve(ctx, c.token)
-			cancel()
-			if errors.Is(err, errInvalidSession) {
-				c.close(closeRevoked)
-				return
-			}
-			if err != nil {
-				log.Debug("SSE session re-check failed; keeping the stream", "err", err)
-			}
 		}
+		ctx, cancel := context.WithTimeout(b.ctx, b.cfg.NoETLTimeout)
+		_, err := b.resolver.Resolve(ctx, c.token)
+		cancel()
+		if errors.Is(err, errInvalidSession) {
+			c.close(closeRevoked)
+			return
+		}
+		if err != nil {
+			log.Debug("SSE session re-check failed; keeping the stream", "err", err)
+		}
+		mu.Lock()
+		if !stopped {
+			t.Reset(b.cfg.SSESessionRecheck)
+		}
+		mu.Unlock()
+	})
+	return func() {
+		mu.Lock()
+		stopped = true
+		t.Stop()
+		mu.Unlock()
 	}
 }

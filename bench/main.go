@@ -55,7 +55,11 @@ type options struct {
 	sseSeconds int
 	target     string
 	bin        string
+	only       map[string]bool
 }
+
+// run reports whether a part was selected with -only (all by default).
+func (o options) run(part string) bool { return len(o.only) == 0 || o.only[part] }
 
 func main() {
 	var o options
@@ -70,6 +74,7 @@ func main() {
 	flag.IntVar(&o.sseRate, "sse-rate", 1000, "worker callbacks per second over the SSE connections")
 	flag.IntVar(&o.sseSeconds, "sse-seconds", 10, "seconds of callback load")
 	flag.StringVar(&o.bin, "bin", "", "use this gateway binary instead of building one (e.g. a profiling build)")
+	only := flag.String("only", "", "comma list of parts to run: load, stampede, login, sse (default all)")
 	serveControl := flag.String("serve-control", "", "internal: run only the control proxy in front of this backend URL")
 	flag.StringVar(&o.target, "target", "", "URL prefix of another proxy in front of the same backend path /noetl/bench (optional)")
 	flag.Parse()
@@ -81,6 +86,12 @@ func main() {
 	}
 	if *quick {
 		o.duration, o.warmup, o.rounds, o.sseConns, o.sseSeconds = time.Second, 200*time.Millisecond, 3, 2000, 3
+	}
+	o.only = map[string]bool{}
+	for _, p := range strings.Split(*only, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			o.only[p] = true
+		}
 	}
 	for _, c := range strings.Split(conns, ",") {
 		n, err := strconv.Atoi(strings.TrimSpace(c))
@@ -138,7 +149,7 @@ func runBench(o options) error {
 		"NATS_URL": natsURL, "NOETL_BASE_URL": be.url, "GATEWAY_BIND": "127.0.0.1",
 		"AUTH_MODE": "sync", "OIDC_ISSUER": idp.url, "AUTH0_CLIENT_ID": "bench-client",
 		"CALLBACK_TOKEN": "bench-callback-token-0123456789", "SSE_MAX_CLIENTS": "100000",
-		"SSE_MAX_CLIENTS_PER_SESSION": "100000", "SSE_CLIENT_BUFFER": "1024", "LOG_LEVEL": "warn",
+		"SSE_MAX_CLIENTS_PER_SESSION": "100000", "LOG_LEVEL": "warn",
 	}
 	gw, err := startGateway(bin, env)
 	if err != nil {
@@ -167,6 +178,30 @@ func runBench(o options) error {
 	if o.target != "" {
 		scenarios = append(scenarios, scenario{"x your proxy (-target)", strings.TrimRight(o.target, "/") + "/noetl/bench", token, 0})
 	}
+	if o.run("load") {
+		runLoad(o, scenarios)
+	}
+	if o.run("stampede") {
+		if err := stampede(o, gw, be, ns); err != nil {
+			fmt.Println("stampede:", err)
+		}
+	}
+	if o.run("login") {
+		if err := logins(o, gw, idp); err != nil {
+			fmt.Println("logins:", err)
+		}
+	}
+	if o.run("sse") {
+		if err := sse(o, gw, be, natsURL, token+"0000"); err != nil {
+			fmt.Println("sse:", err)
+		}
+	}
+	return nil
+}
+
+// runLoad runs scenarios 1–4 (and -target) at every connection count, in
+// interleaved rounds, and prints medians and ratios.
+func runLoad(o options, scenarios []scenario) {
 	results := map[string]map[int][]loadResult{}
 	for _, c := range o.conns {
 		for r := 0; r < o.rounds; r++ {
@@ -202,17 +237,6 @@ func runBench(o options) error {
 			c, g.rps/ctl.rps, kv.rps/g.rps, fmtDur(g.p50-ctl.p50), float64(g.cpuPerReq)/float64(max(ctl.cpuPerReq, 1)))
 	}
 	fmt.Println()
-
-	if err := stampede(o, gw, be, ns); err != nil {
-		fmt.Println("stampede:", err)
-	}
-	if err := logins(o, gw, idp); err != nil {
-		fmt.Println("logins:", err)
-	}
-	if err := sse(o, gw, be, natsURL, token+"0000"); err != nil {
-		fmt.Println("sse:", err)
-	}
-	return nil
 }
 
 func maps(a, b map[string]string) map[string]string {
