@@ -202,6 +202,9 @@ type broker struct {
 	pending  *pendingIndex
 	events   eventLog
 	nc       *nats.Conn // nil in-process
+	// ctl receives every per-client control subscription: one channel and
+	// one goroutine for the replica instead of a goroutine per client.
+	ctl chan *nats.Msg
 	replica  string     // this replica's id on control messages
 
 	mu        sync.Mutex
@@ -230,6 +233,17 @@ func newBroker(ctx context.Context, cfg Config, log *slog.Logger, m *metrics, re
 		nl := newNatsLog(nc, cfg, log, b.dispatch)
 		b.events = nl
 		go nl.run(ctx)
+		b.ctl = make(chan *nats.Msg, 4096)
+		go func() {
+			for {
+				select {
+				case <-ctx.Done():
+					return
+				case m := <-b.ctl:
+					b.onControl(m)
+				}
+			}
+		}()
 	}
 	b.pending.follow(ctx)
 	return b
@@ -282,7 +296,7 @@ func (b *broker) register(clientID, token string) (*conn, error) {
 		old = &clientEntry{conn: c}
 		b.byClient[clientID] = old
 		if b.nc != nil {
-			sub, err := b.nc.Subscribe(b.controlSubject(clientID), b.onControl)
+			sub, err := b.nc.ChanSubscribe(b.controlSubject(clientID), b.ctl)
 			if err != nil {
 				b.log.Warn("control subscription failed", "client_id", clientID, "err", err)
 			}
