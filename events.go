@@ -204,8 +204,8 @@ type broker struct {
 	nc       *nats.Conn // nil in-process
 	// ctl receives every per-client control subscription: one channel and
 	// one goroutine for the replica instead of a goroutine per client.
-	ctl chan *nats.Msg
-	replica  string     // this replica's id on control messages
+	ctl     chan *nats.Msg
+	replica string // this replica's id on control messages
 
 	mu        sync.Mutex
 	byClient  map[string]*clientEntry

@@ -241,6 +241,7 @@ func writeRuntime(w *bufio.Writer) {
 		{Name: "/sched/goroutines:goroutines"},
 		{Name: "/memory/classes/heap/objects:bytes"},
 		{Name: "/memory/classes/total:bytes"},
+		{Name: "/memory/classes/heap/stacks:bytes"},
 	}
 	rtmetrics.Read(samples)
 	value := func(s rtmetrics.Sample) uint64 {
@@ -252,4 +253,5 @@ func writeRuntime(w *bufio.Writer) {
 	fmt.Fprintf(w, "# HELP go_goroutines Number of goroutines.\n# TYPE go_goroutines gauge\ngo_goroutines %d\n", value(samples[0]))
 	fmt.Fprintf(w, "# HELP go_heap_objects_bytes Bytes of live and not yet swept heap objects.\n# TYPE go_heap_objects_bytes gauge\ngo_heap_objects_bytes %d\n", value(samples[1]))
 	fmt.Fprintf(w, "# HELP go_memory_total_bytes All memory mapped by the Go runtime.\n# TYPE go_memory_total_bytes gauge\ngo_memory_total_bytes %d\n", value(samples[2]))
+	fmt.Fprintf(w, "# HELP go_stack_bytes Memory used by goroutine stacks.\n# TYPE go_stack_bytes gauge\ngo_stack_bytes %d\n", value(samples[3]))
 }

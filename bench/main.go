@@ -492,7 +492,7 @@ func logins(o options, gw *child, idp *idp) error {
 // --- scenario 6: SSE ---------------------------------------------------------
 
 func sse(o options, gw *child, be *backend, natsURL, token string) error {
-	rss0, heap0 := gw.rss(), gw.heap()
+	rss0, heap0, stack0 := gw.rss(), gw.heap(), gw.stacks()
 	type conn struct {
 		id   string
 		body io.ReadCloser
@@ -546,10 +546,10 @@ func sse(o options, gw *child, be *backend, natsURL, token string) error {
 	}()
 	// Let the gateway settle, then read its memory.
 	time.Sleep(2 * time.Second)
-	rss1, heap1 := gw.rss(), gw.heap()
+	rss1, heap1, stack1 := gw.rss(), gw.heap(), gw.stacks()
 	n := float64(o.sseConns)
-	fmt.Printf("scenario 6 SSE: %d idle connections: RSS %+.1f KiB/conn, heap %+.1f KiB/conn (RSS %d→%d MiB)\n",
-		o.sseConns, float64(rss1-rss0)/n/1024, float64(heap1-heap0)/n/1024, rss0>>20, rss1>>20)
+	fmt.Printf("scenario 6 SSE: %d idle connections: RSS %+.1f KiB/conn, of which heap objects %+.1f KiB/conn and goroutine stacks %+.1f KiB/conn (RSS %d→%d MiB)\n",
+		o.sseConns, float64(rss1-rss0)/n/1024, float64(heap1-heap0)/n/1024, float64(stack1-stack0)/n/1024, rss0>>20, rss1>>20)
 
 	// Request records are written as executePlaybook would, straight into
 	// the requests bucket, before the clock starts.
@@ -687,7 +687,12 @@ func (c *child) rss() int64 {
 }
 
 // heap reads go_heap_objects_bytes from the gateway's /metrics.
-func (c *child) heap() int64 {
+func (c *child) heap() int64 { return c.gauge("go_heap_objects_bytes") }
+
+// stacks reads go_stack_bytes from the gateway's /metrics.
+func (c *child) stacks() int64 { return c.gauge("go_stack_bytes") }
+
+func (c *child) gauge(name string) int64 {
 	resp, err := http.Get(c.url + "/metrics")
 	if err != nil {
 		return 0
@@ -695,7 +700,7 @@ func (c *child) heap() int64 {
 	defer resp.Body.Close()
 	sc := bufio.NewScanner(resp.Body)
 	for sc.Scan() {
-		if v, ok := strings.CutPrefix(sc.Text(), "go_heap_objects_bytes "); ok {
+		if v, ok := strings.CutPrefix(sc.Text(), name+" "); ok {
 			n, _ := strconv.ParseInt(v, 10, 64)
 			return n
 		}
