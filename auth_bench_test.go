@@ -2,7 +2,12 @@ package main
 
 import (
 	"context"
+	"crypto"
 	"crypto/elliptic"
+	"crypto/rsa"
+	"crypto/sha256"
+	"encoding/base64"
+	"strings"
 	"testing"
 	"time"
 )
@@ -88,4 +93,27 @@ func BenchmarkResolveKVHit(b *testing.B) {
 			newNoETLClient(cfg), nil, m, discardLogger(), c.nc.IsConnected)
 		benchKVHit(b, res)
 	})
+}
+
+// BenchmarkRSAVerifyAlone is the RSA PKCS#1 v1.5 verification of the same
+// signed token and key with nothing around it: the floor that
+// BenchmarkVerifyRS256 is compared against (their ratio is the cost of
+// parsing, key lookup and claim checks on top of the cryptography).
+func BenchmarkRSAVerifyAlone(b *testing.B) {
+	k := keyA()
+	p := startIdP(b, k)
+	tok := sign(b, k, p.claims(nil))
+	i := strings.LastIndexByte(tok, '.')
+	sig, err := base64.RawURLEncoding.DecodeString(tok[i+1:])
+	if err != nil {
+		b.Fatal(err)
+	}
+	pub := k.priv.Public().(*rsa.PublicKey)
+	b.ReportAllocs()
+	for b.Loop() {
+		sum := sha256.Sum256([]byte(tok[:i]))
+		if err := rsa.VerifyPKCS1v15(pub, crypto.SHA256, sum[:], sig); err != nil {
+			b.Fatal(err)
+		}
+	}
 }
