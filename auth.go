@@ -287,17 +287,8 @@ func handleCheckAccess(res *resolver, ac *accessChecker) http.Handler {
 		if token == "" {
 			token = tokenFromRequest(r)
 		}
-		if token == "" {
-			writeError(w, r, http.StatusUnauthorized, "Missing authentication token", nil)
-			return
-		}
-		s, err := res.Resolve(r.Context(), token)
-		switch {
-		case errors.Is(err, errSessionUnavailable):
-			writeError(w, r, http.StatusBadGateway, "session validation unavailable", err)
-			return
-		case err != nil:
-			writeError(w, r, http.StatusUnauthorized, "Invalid or expired session", nil)
+		s, ok := resolveOrAnswer(w, r, res, token)
+		if !ok {
 			return
 		}
 		d, err := ac.Decide(r.Context(), s, in.PlaybookPath, in.PermissionType)

@@ -519,21 +519,9 @@ func handleEvents(b *broker) http.Handler {
 		if token == "" {
 			token = tokenFromRequest(r)
 		}
-		if token == "" && !b.cfg.AuthBypass {
-			writeError(w, r, http.StatusUnauthorized, "Missing authentication token", nil)
+		_, ok := resolveOrAnswer(w, r, b.resolver, token)
+		if !ok {
 			return
-		}
-		sess, err := b.resolver.Resolve(ctx, token)
-		switch {
-		case errors.Is(err, errSessionUnavailable):
-			writeError(w, r, http.StatusBadGateway, "session validation unavailable", err)
-			return
-		case err != nil:
-			writeError(w, r, http.StatusUnauthorized, "Invalid or expired session", nil)
-			return
-		}
-		if ri := infoFrom(ctx); ri != nil {
-			ri.userID = strconv.FormatInt(sess.User.UserID, 10)
 		}
 		clientID, generated := q.Get("client_id"), false
 		if clientID == "" {
@@ -544,6 +532,7 @@ func handleEvents(b *broker) http.Handler {
 		}
 		after, hasLast := uint64(0), false
 		if v := cmp.Or(r.Header.Get("Last-Event-ID"), q.Get("last_event_id")); v != "" {
+			var err error
 			if after, err = strconv.ParseUint(v, 10, 64); err != nil {
 				writeError(w, r, http.StatusBadRequest, "invalid Last-Event-ID", nil)
 				return
@@ -564,6 +553,7 @@ func handleEvents(b *broker) http.Handler {
 		if !hasLast && !generated {
 			// A plain reconnect of a known client: send what it has not been
 			// sent yet (the delivery cursor), or everything kept.
+			var err error
 			if after, err = readCursor(ctx, b.requests, clientID); err != nil {
 				writeError(w, r, http.StatusServiceUnavailable, "event store unavailable", err)
 				return

@@ -602,23 +602,34 @@ func devUser() User {
 // session is then on the request context (sessionFrom).
 func requireSession(res *resolver, next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		token := tokenFromRequest(r)
-		if token == "" && !res.cfg.AuthBypass {
-			writeError(w, r, http.StatusUnauthorized, "Missing authentication token", nil)
+		s, ok := resolveOrAnswer(w, r, res, tokenFromRequest(r))
+		if !ok {
 			return
-		}
-		s, err := res.Resolve(r.Context(), token)
-		switch {
-		case errors.Is(err, errSessionUnavailable):
-			writeError(w, r, http.StatusBadGateway, "session validation unavailable", err)
-			return
-		case err != nil:
-			writeError(w, r, http.StatusUnauthorized, "Invalid or expired session", nil)
-			return
-		}
-		if ri := infoFrom(r.Context()); ri != nil {
-			ri.userID = strconv.FormatInt(s.User.UserID, 10)
 		}
 		next.ServeHTTP(w, r.WithContext(withSession(r.Context(), s)))
 	})
+}
+
+// resolveOrAnswer is the one place a handler turns a token into a session:
+// a missing token is 401, an invalid session 401, NoETL unavailable 502
+// (then it returns false, the answer written). The user id goes to the
+// access log.
+func resolveOrAnswer(w http.ResponseWriter, r *http.Request, res *resolver, token string) (*Session, bool) {
+	if token == "" && !res.cfg.AuthBypass {
+		writeError(w, r, http.StatusUnauthorized, "Missing authentication token", nil)
+		return nil, false
+	}
+	s, err := res.Resolve(r.Context(), token)
+	switch {
+	case errors.Is(err, errSessionUnavailable):
+		writeError(w, r, http.StatusBadGateway, "session validation unavailable", err)
+		return nil, false
+	case err != nil:
+		writeError(w, r, http.StatusUnauthorized, "Invalid or expired session", nil)
+		return nil, false
+	}
+	if ri := infoFrom(r.Context()); ri != nil {
+		ri.userID = strconv.FormatInt(s.User.UserID, 10)
+	}
+	return s, true
 }
