@@ -263,12 +263,12 @@ func (l *natsLog) replay(ctx context.Context, clientID string, after uint64, fn 
 func (l *natsLog) run(ctx context.Context) {
 	var pos atomic.Uint64 // last stream sequence handed to deliver
 	started, warned := false, false
-	backoff := 100 * time.Millisecond
-	for ctx.Err() == nil {
+	retryForever(ctx, func() bool {
 		err := l.follow(ctx, &pos, &started)
 		switch {
 		case err == nil:
-			backoff, warned = 100*time.Millisecond, false
+			warned = false
+			return true
 		case ctx.Err() != nil:
 		case !warned:
 			// Once per outage: SSE delivery is down until it recovers.
@@ -277,12 +277,8 @@ func (l *natsLog) run(ctx context.Context) {
 		default:
 			l.log.Debug("events stream still unavailable", "err", err)
 		}
-		select {
-		case <-ctx.Done():
-		case <-time.After(backoff):
-		}
-		backoff = min(2*backoff, 5*time.Second)
-	}
+		return false
+	})
 }
 
 // follow runs one ordered consumer until it ends; nil means it ran.
@@ -464,19 +460,7 @@ func (ix *pendingIndex) follow(ctx context.Context) {
 		ix.requests.Watch(ctx, ix.update)
 		return
 	}
-	go func() {
-		backoff := 100 * time.Millisecond
-		for ctx.Err() == nil {
-			if ix.followNATS(ctx, kv) {
-				backoff = 100 * time.Millisecond
-			}
-			select {
-			case <-ctx.Done():
-			case <-time.After(backoff):
-			}
-			backoff = min(2*backoff, 5*time.Second)
-		}
-	}()
+	go retryForever(ctx, func() bool { return ix.followNATS(ctx, kv) })
 }
 
 func (ix *pendingIndex) followNATS(ctx context.Context, s *natsKV) bool {

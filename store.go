@@ -240,20 +240,25 @@ func (s *natsKV) Delete(ctx context.Context, key string) error {
 // and the watcher may end when the connection is lost, so it re-opens the
 // watch in the background with backoff; only ctx stops it.
 func (s *natsKV) Watch(ctx context.Context, fn func(string, []byte)) error {
-	go func() {
-		backoff := 100 * time.Millisecond
-		for ctx.Err() == nil {
-			if s.watchOnce(ctx, fn) {
-				backoff = 100 * time.Millisecond
-			}
-			select {
-			case <-ctx.Done():
-			case <-time.After(backoff):
-			}
-			backoff = min(2*backoff, 5*time.Second)
-		}
-	}()
+	go retryForever(ctx, func() bool { return s.watchOnce(ctx, fn) })
 	return nil
+}
+
+// retryForever runs once until ctx ends, pausing between runs with a
+// backoff from 100 ms to 5 s; a run that reports it got going resets the
+// backoff. It is how watchers and consumers outlive NATS outages.
+func retryForever(ctx context.Context, once func() (started bool)) {
+	backoff := 100 * time.Millisecond
+	for ctx.Err() == nil {
+		if once() {
+			backoff = 100 * time.Millisecond
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 5*time.Second)
+	}
 }
 
 // watchOnce runs one watcher until it ends; it reports whether it got started.
