@@ -460,39 +460,7 @@ func (ix *pendingIndex) follow(ctx context.Context) {
 		ix.requests.Watch(ctx, ix.update)
 		return
 	}
-	go retryForever(ctx, func() bool { return ix.followNATS(ctx, kv) })
-}
-
-func (ix *pendingIndex) followNATS(ctx context.Context, s *natsKV) bool {
-	bucket, err := s.bucket(ctx)
-	if err != nil {
-		return false
-	}
-	w, err := bucket.WatchAll(ctx)
-	if err != nil {
-		ix.log.Debug("requests watch failed", "err", err)
-		return false
-	}
-	defer w.Stop()
-	ix.reset()
-	for {
-		select {
-		case <-ctx.Done():
-			return true
-		case e, ok := <-w.Updates():
-			if !ok {
-				return true
-			}
-			if e == nil {
-				continue // end of the initial values
-			}
-			if e.Operation() == jetstream.KeyValuePut {
-				ix.update(e.Key(), e.Value())
-			} else {
-				ix.update(e.Key(), nil)
-			}
-		}
-	}
+	go retryForever(ctx, func() bool { return kv.watchOnce(ctx, ix.update, ix.reset) })
 }
 
 // Delivery cursors: the id of the last event written to a client's stream,

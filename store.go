@@ -240,7 +240,7 @@ func (s *natsKV) Delete(ctx context.Context, key string) error {
 // and the watcher may end when the connection is lost, so it re-opens the
 // watch in the background with backoff; only ctx stops it.
 func (s *natsKV) Watch(ctx context.Context, fn func(string, []byte)) error {
-	go retryForever(ctx, func() bool { return s.watchOnce(ctx, fn) })
+	go retryForever(ctx, func() bool { return s.watchOnce(ctx, fn, nil) })
 	return nil
 }
 
@@ -262,17 +262,28 @@ func retryForever(ctx context.Context, once func() (started bool)) {
 }
 
 // watchOnce runs one watcher until it ends; it reports whether it got started.
-func (s *natsKV) watchOnce(ctx context.Context, fn func(string, []byte)) bool {
+//
+// With reset set, the watch starts with every current value (after reset
+// is called), for readers that rebuild their own index of the bucket;
+// otherwise it sees later changes only.
+func (s *natsKV) watchOnce(ctx context.Context, fn func(string, []byte), reset func()) bool {
 	kv, err := s.bucket(ctx)
 	if err != nil {
 		return false
 	}
-	w, err := kv.WatchAll(ctx, jetstream.UpdatesOnly())
+	var opts []jetstream.WatchOpt
+	if reset == nil {
+		opts = append(opts, jetstream.UpdatesOnly())
+	}
+	w, err := kv.WatchAll(ctx, opts...)
 	if err != nil {
 		s.log.Debug("K/V watch failed", "bucket", s.cfg.Bucket, "err", err)
 		return false
 	}
 	defer w.Stop()
+	if reset != nil {
+		reset()
+	}
 	for {
 		select {
 		case <-ctx.Done():
@@ -282,7 +293,7 @@ func (s *natsKV) watchOnce(ctx context.Context, fn func(string, []byte)) bool {
 				return true
 			}
 			if e == nil {
-				continue
+				continue // end of the initial values
 			}
 			switch e.Operation() {
 			case jetstream.KeyValuePut:
