@@ -422,6 +422,23 @@ func clientIP(r *http.Request, proxies []netip.Prefix) netip.Addr {
 	return peer
 }
 
+// localPeer reports whether a request comes from this host itself. A
+// loopback peer that forwards requests for others (a reverse proxy or mesh
+// sidecar on the same host, which adds Forwarded, X-Forwarded-For or
+// X-Real-IP) is not local: trusting it would open loopback-only routes to
+// everyone that proxy serves.
+func localPeer(r *http.Request) bool {
+	if !peerAddr(r).IsLoopback() {
+		return false
+	}
+	for _, h := range []string{"Forwarded", "X-Forwarded-For", "X-Real-Ip"} {
+		if len(r.Header.Values(h)) > 0 {
+			return false
+		}
+	}
+	return true
+}
+
 // internalOnly guards worker and operator routes (SPEC §7). With
 // CALLBACK_TOKEN set the caller must present it. Without it, routes on the
 // public listener accept loopback peers only; on the dedicated internal
@@ -438,9 +455,9 @@ func internalOnly(cfg Config, onInternal bool, next http.Handler) http.Handler {
 				writeError(w, r, http.StatusUnauthorized, "callback token required", errors.New("internal route called without a valid CALLBACK_TOKEN"))
 				return
 			}
-		} else if !onInternal && !peerAddr(r).IsLoopback() {
+		} else if !onInternal && !localPeer(r) {
 			writeError(w, r, http.StatusForbidden, "forbidden",
-				errors.New("internal route refused for a non-loopback peer: set CALLBACK_TOKEN or GATEWAY_INTERNAL_ADDR"))
+				errors.New("internal route refused for a non-loopback or proxied peer: set CALLBACK_TOKEN or GATEWAY_INTERNAL_ADDR"))
 			return
 		}
 		next.ServeHTTP(w, r)

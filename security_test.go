@@ -1,0 +1,842 @@
+package main
+
+import (
+	"bytes"
+	"crypto"
+	"crypto/hmac"
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/json"
+	"encoding/pem"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"regexp"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/golang-jwt/jwt/v5"
+)
+
+// TestSecurity is the security regression suite: each subtest guards one
+// class of vulnerability that real advisories in comparable gateways and
+// auth proxies belong to, end to end against the same two gateway replicas
+// (security_env_test.go). The logs of every gateway it starts are captured
+// for the whole suite and searched, at the end, for every token and secret
+// the suite used.
+func TestSecurity(t *testing.T) {
+	t.Parallel()
+	e := startSecEnv(t)
+	// The flood counts JWKS fetches: it runs alone, before anything else.
+	t.Run("JWTUnknownKidFlood", e.jwtUnknownKidFlood)
+	t.Run("classes", func(t *testing.T) {
+		for _, c := range []struct {
+			name string
+			fn   func(*testing.T)
+		}{
+			{"IdentityHeaderSpoofing", e.identityHeaderSpoofing},
+			{"HopByHopStripping", e.hopByHopStripping},
+			{"PathNormalisationAuthz", e.pathNormalisationAuthz},
+			{"ForwardedTrust", e.forwardedTrust},
+			{"JWTAlgorithmConfusion", e.jwtAlgorithmConfusion},
+			{"DuplicateAuthorization", e.duplicateAuthorization},
+			{"OversizedHeadersAndBodies", e.oversizedHeadersAndBodies},
+			{"SSEFieldInjection", e.sseFieldInjection},
+			{"CORSWildcardCredentials", e.corsWildcardCredentials},
+			{"InternalRoutesGuard", e.internalRoutesGuard},
+			{"SSRFProxyRequest", e.ssrfProxyRequest},
+			{"AccessDecisionCacheKey", e.accessDecisionCacheKey},
+		} {
+			t.Run(c.name, func(t *testing.T) {
+				t.Parallel()
+				c.fn(t)
+			})
+		}
+	})
+	t.Run("NoSecretsInLogs", e.noSecretsInLogs)
+}
+
+// identityHeaderSpoofing guards CWE-290 / identity header spoofing (cf.
+// oauth2-proxy and Traefik forwardAuth advisories, and the underscore and dot
+// spellings that nginx, WSGI and CGI servers fold into the same name): a
+// client's X-User-*, X-Session-*, X-Gateway-*, X-Forwarded-* or Forwarded
+// header, in any case, with "_" or "." for "-", or repeated, never reaches
+// NoETL; NoETL sees exactly one value of each identity header, the gateway's.
+func (e *secEnv) identityHeaderSpoofing(t *testing.T) {
+	tok := e.session(secUser)
+	victim := e.session(User{UserID: 1, Email: "root@example.com", Roles: []string{"admin"}})
+	pairs := []string{"Authorization", "Bearer " + tok}
+	for _, name := range []string{
+		"X-User-Id", "x-user-id", "X-USER-ID", "X_User_Id", "x_user_id", "X.User.Id", "x.user.id", "X-User_Id",
+		"X-User-Roles", "X_User_Roles", "x.user.roles", "X-User-Email", "X_USER_EMAIL", "X-User-Admin",
+		"X-Session-Token", "X_Session_Token", "x.session.token", "X-Session-Id", "X_Session_Id",
+		"X-Gateway-User", "X_Gateway_Admin", "x.gateway.roles", "X-Forwarded-User", "X_Forwarded_Email",
+		"X_Forwarded_For", "X.Forwarded.Host", "X-Real-IP", "X_Real_IP", "X-Client-IP", "Forwarded",
+	} {
+		v := "1"
+		switch {
+		case strings.Contains(strings.ToLower(name), "session"):
+			v = victim
+		case strings.Contains(strings.ToLower(name), "role"):
+			v = "admin"
+		case strings.Contains(strings.ToLower(name), "forward"), strings.Contains(strings.ToLower(name), "ip"):
+			v = "for=10.9.9.9"
+		}
+		pairs = append(pairs, name, v, name, v+"-again") // every spelling twice
+	}
+	resp, _ := do(t, "GET", e.a.URL+"/noetl/spoof/whoami", nil, pairs...)
+	if resp.StatusCode != 200 {
+		t.Fatalf("status %d", resp.StatusCode)
+	}
+	got := e.proxiedFor(tok)
+	if len(got) != 1 {
+		t.Fatalf("%d requests reached NoETL", len(got))
+	}
+	want := map[string]string{
+		"X-User-Id": "1001", "X-User-Email": secUser.Email, "X-User-Roles": "user", "X-Session-Token": tok,
+		"X-Request-Id": resp.Header.Get("X-Request-Id"), "X-Forwarded-For": "127.0.0.1", "X-Forwarded-Proto": "http",
+		"X-Forwarded-Host": strings.TrimPrefix(e.a.URL, "http://"),
+	}
+	for name, vs := range got[0].Header {
+		fold := strings.ToLower(strings.NewReplacer("_", "-", ".", "-").Replace(name))
+		owned := fold == "forwarded" || fold == "x-real-ip" || fold == "x-client-ip" || fold == "cookie" || fold == "authorization" ||
+			strings.HasPrefix(fold, "x-user-") || strings.HasPrefix(fold, "x-session-") || strings.HasPrefix(fold, "x-gateway-") || strings.HasPrefix(fold, "x-forwarded-")
+		if !owned {
+			continue
+		}
+		if w, ok := want[name]; !ok || len(vs) != 1 || vs[0] != w {
+			t.Errorf("NoETL got %s: %q", name, vs)
+		}
+		for _, v := range vs {
+			if strings.Contains(v, victim) {
+				t.Errorf("victim's token reached NoETL in %s", name)
+			}
+		}
+	}
+	for name := range want {
+		if got[0].Header.Get(name) == "" {
+			t.Errorf("NoETL did not get %s", name)
+		}
+	}
+}
+
+// hopByHopStripping guards hop-by-hop header abuse (CWE-444 family; cf. the
+// "Connection: X-Forwarded-For" advisories of Traefik and Apache mod_proxy)
+// and h2c upgrade smuggling (cf. the h2c smuggling research against Envoy,
+// Traefik and nginx): headers named in Connection are dropped before the
+// gateway sets its own, never after, and no upgrade but WebSocket reaches
+// NoETL, so the connection cannot become a tunnel past the gateway's checks.
+func (e *secEnv) hopByHopStripping(t *testing.T) {
+	tok := e.session(secUser)
+	owned := "X-User-Id, X-User-Email, X-User-Roles, X-Session-Token, X-Request-Id, X-Forwarded-For, X-Forwarded-Host, X-Forwarded-Proto"
+	resp, _ := do(t, "GET", e.a.URL+"/noetl/hop/a", nil, "Authorization", "Bearer "+tok,
+		"Connection", owned, "Connection", "keep-alive, x-user-id", "Keep-Alive", "timeout=5", "X-Request-Id", "client-chosen-id")
+	if resp.StatusCode != 200 {
+		t.Fatalf("status %d", resp.StatusCode)
+	}
+	status, _, body := rawHTTP(t, e.a.URL, "GET /noetl/hop/h2c HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer "+tok+
+		"\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n")
+	if status != 200 {
+		t.Fatalf("h2c request: %d %s", status, body)
+	}
+	got := e.proxiedFor(tok)
+	if len(got) != 2 {
+		t.Fatalf("%d requests reached NoETL", len(got))
+	}
+	for _, s := range got {
+		for _, h := range strings.Split(owned, ", ") {
+			if len(s.Header.Values(h)) != 1 {
+				t.Errorf("%s: NoETL got %s = %q", s.Path, h, s.Header.Values(h))
+			}
+		}
+		if s.Header.Get("X-User-Id") != "1001" || s.Header.Get("Keep-Alive") != "" || s.Header.Get("Upgrade") != "" || s.Header.Get("Http2-Settings") != "" {
+			t.Errorf("%s: NoETL got %v", s.Path, s.Header)
+		}
+	}
+}
+
+// pathNormalisationAuthz guards path confusion between authorization and
+// routing (CWE-22 / CWE-863; cf. the path normalisation bypasses of Spring
+// Cloud Gateway, Envoy and Traefik): whatever the spelling of the execute
+// path — dot segments, empty segments, trailing slash, case, percent-encoded
+// letters, absolute-form targets, a lower-case method, or GraphQL
+// proxyRequest — a denied playbook never reaches NoETL's execute endpoint,
+// and an allowed one is checked before it does.
+func (e *secEnv) pathNormalisationAuthz(t *testing.T) {
+	tok := e.session(secUser)
+	const denied = "secret/pn-payroll"
+	body := `{"path":"` + denied + `","payload":{}}`
+	post := func(method, target string) (int, []byte) {
+		st, _, b := rawHTTP(t, e.a.URL, fmt.Sprintf("%s %s HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s",
+			method, target, tok, len(body), body))
+		return st, b
+	}
+	for _, target := range []string{
+		"/noetl/execute", "/noetl/execute/", "/noetl/EXECUTE", "/noetl/Execute/", "/noetl/%65xecute", "/noetl/%45XECUTE",
+		"/noetl/execute?path=ok/x", "/noetl/./execute", "/noetl//execute", "/noetl/x/../execute", "/noetl/%2e/execute",
+		"/noetl/execute/.", "/noetl/execute%2f", "/noetl/execute;a=b", "/noetl/execute%3b", "/noetl/execute%00", "/noetl/execute%09",
+		"/noetl/%2565xecute", "//noetl/execute", "/noetl/execute\\", "http://gw/noetl/EXECUTE",
+	} {
+		st, b := post("POST", target)
+		if st < 400 {
+			t.Errorf("POST %s: %d %s", target, st, b)
+		}
+		var m map[string]any
+		if json.Unmarshal(b, &m) != nil || m["error"] == nil {
+			t.Errorf("POST %s: not a JSON error: %d %s", target, st, b)
+		}
+	}
+	// These may pass the gateway, but never to execute.
+	for _, method := range []string{"post", "Post", "PUT", "PATCH"} {
+		post(method, "/noetl/execute")
+	}
+	post("POST", "/noetl/execute#x")
+	post("POST", "/noetl/execute%20")
+	const q = `mutation($e: String!, $b: JSON) { proxyRequest(input: {method: "POST", endpoint: $e, body: $b}) { success error } }`
+	for _, ep := range []string{"/api/execute", "/api/execute/", "/api/EXECUTE", "/api/%65xecute", "/api/Execute?x=1"} {
+		res := postGQL(t, e.a.URL, tok, q, map[string]any{"e": ep, "b": map[string]any{"path": denied}})
+		if r, _ := res["data"].(map[string]any)["proxyRequest"].(map[string]any); r["success"] != false || r["error"] != "permission denied" {
+			t.Errorf("proxyRequest %s: %v", ep, res)
+		}
+	}
+	for _, b := range []map[string]any{{"catalog_id": "1"}, {"path": "ok/pn", "catalog_id": 7}, nil} {
+		res := postGQL(t, e.a.URL, tok, q, map[string]any{"e": "/api/execute", "b": b})
+		if r, _ := res["data"].(map[string]any)["proxyRequest"].(map[string]any); r["success"] != false {
+			t.Errorf("proxyRequest body %v: %v", b, res)
+		}
+	}
+	if got := e.executesOf(denied); len(got) != 0 {
+		t.Fatalf("denied playbook reached NoETL's execute: %+v", got)
+	}
+	// Allowed: every spelling that reaches execute was checked first.
+	const allowed = "ok/pn-report"
+	body = `{"path":"` + allowed + `"}`
+	for _, target := range []string{"/noetl/EXECUTE", "/noetl/%65xecute/"} {
+		if st, b := post("POST", target); st != 200 {
+			t.Errorf("allowed POST %s: %d %s", target, st, b)
+		}
+	}
+	res := postGQL(t, e.a.URL, tok, q, map[string]any{"e": "/api/Execute", "b": map[string]any{"path": allowed}})
+	if r, _ := res["data"].(map[string]any)["proxyRequest"].(map[string]any); r["success"] != true {
+		t.Errorf("allowed proxyRequest: %v", res)
+	}
+	if n, c := len(e.executesOf(allowed)), e.checkCount(tok, allowed, "execute"); n != 3 || c != 1 {
+		t.Fatalf("allowed playbook: %d executes, %d checks", n, c)
+	}
+}
+
+// forwardedTrust guards client address spoofing through X-Forwarded-For and
+// friends (CWE-348; cf. the X-Forwarded-For trust advisories of Traefik,
+// Kong and many rate limiters): from an untrusted peer no forwarding header
+// is believed, for the login's client_ip or towards NoETL; from a
+// TRUSTED_PROXIES peer the right-most hop that is not a trusted proxy is the
+// client, and entries left of it (client-controlled) never are.
+func (e *secEnv) forwardedTrust(t *testing.T) {
+	idToken := e.secret("ID token", sign(t, keyA(), e.idp.claims(map[string]any{"sub": "auth0|xff"})))
+	loginIP := func(g *gateway, pairs ...string) any {
+		t.Helper()
+		body, _ := json.Marshal(map[string]any{"auth0_token": idToken})
+		resp, m := do(t, "POST", g.URL+"/api/auth/login", bytes.NewReader(body), pairs...)
+		if resp.StatusCode != 200 {
+			t.Fatalf("login: %d %v", resp.StatusCode, m)
+		}
+		e.secret("session token", fmt.Sprint(m["session_token"]))
+		return e.lastLogin()["client_ip"]
+	}
+	spoof := []string{"X-Forwarded-For", "203.0.113.9", "X-Real-IP", "203.0.113.10", "Forwarded", "for=203.0.113.11", "X-Client-IP", "203.0.113.12"}
+	if ip := loginIP(e.a, spoof...); ip != "127.0.0.1" {
+		t.Errorf("untrusted peer: client_ip %v", ip)
+	}
+	for _, tc := range []struct {
+		pairs []string
+		want  string
+	}{
+		{[]string{"X-Forwarded-For", "198.51.100.1, 203.0.113.9, 10.1.2.3"}, "203.0.113.9"},
+		{[]string{"X-Forwarded-For", "198.51.100.1", "X-Forwarded-For", "203.0.113.9, 10.0.0.1"}, "203.0.113.9"},
+		{[]string{"X-Forwarded-For", "203.0.113.9, not-an-ip"}, "127.0.0.1"},
+		{[]string{"X-Forwarded-For", "10.0.0.1, 10.0.0.2"}, "127.0.0.1"},
+		{[]string{"X-Forwarded-For", "::ffff:203.0.113.7"}, "203.0.113.7"},
+		{[]string{"X-Real-IP", "203.0.113.9", "Forwarded", "for=203.0.113.9"}, "127.0.0.1"},
+	} {
+		if ip := loginIP(e.b, tc.pairs...); ip != tc.want {
+			t.Errorf("trusted peer %q: client_ip %v, want %s", tc.pairs, ip, tc.want)
+		}
+	}
+	tok := e.session(secUser)
+	do(t, "GET", e.a.URL+"/noetl/xff", nil, append([]string{"Authorization", "Bearer " + tok, "X-Forwarded-Host", "evil.example", "X-Forwarded-Proto", "https"}, spoof...)...)
+	tokB := e.session(secUser)
+	do(t, "GET", e.b.URL+"/noetl/xff", nil, "Authorization", "Bearer "+tokB, "X-Forwarded-For", "198.51.100.1, 203.0.113.9", "X-Forwarded-Proto", "https")
+	a, b := e.proxiedFor(tok), e.proxiedFor(tokB)
+	if len(a) != 1 || len(b) != 1 {
+		t.Fatalf("NoETL got %d and %d requests", len(a), len(b))
+	}
+	if h := a[0].Header; h.Get("X-Forwarded-For") != "127.0.0.1" || h.Get("X-Forwarded-Host") != strings.TrimPrefix(e.a.URL, "http://") ||
+		h.Get("X-Forwarded-Proto") != "http" || h.Get("X-Real-Ip") != "" || h.Get("Forwarded") != "" || h.Get("X-Client-Ip") != "" {
+		t.Errorf("untrusted peer: NoETL got %v", h)
+	}
+	if h := b[0].Header; h.Get("X-Forwarded-For") != "198.51.100.1, 203.0.113.9, 127.0.0.1" || h.Get("X-Forwarded-Proto") != "https" {
+		t.Errorf("trusted peer: NoETL got %v", h)
+	}
+}
+
+// jwtToken assembles a JWT from parts without any library checks.
+func jwtToken(header, claims map[string]any, sign func(input string) []byte) string {
+	h, _ := json.Marshal(header)
+	c, _ := json.Marshal(claims)
+	input := b64(h) + "." + b64(c)
+	return input + "." + b64(sign(input))
+}
+
+// jwtUnknownKidFlood guards JWKS amplification (CWE-400; cf. the unknown-kid
+// refetch advisories of JWT middlewares such as go-oidc and
+// jwks-rsa): a flood of tokens with unknown, hostile or missing key ids
+// causes at most one JWKS fetch within JWKS_MIN_REFRESH_SECS and no queueing.
+func (e *secEnv) jwtUnknownKidFlood(t *testing.T) {
+	// Both replicas have their keys (the start-up fetch is done).
+	for _, g := range []*gateway{e.a, e.b} {
+		if st, m := login(t, g, e.secret("ID token", sign(t, keyA(), e.idp.claims(nil)))); st != 200 {
+			t.Fatalf("login: %d %v", st, m)
+		}
+	}
+	before := e.idp.jwksHits.Load()
+	logins := e.noetl.Calls("POST /api/auth/login")
+	start := time.Now()
+	var wg sync.WaitGroup
+	for i := range 60 {
+		kid := []string{"kid-" + randHex(4), "../../../../dev/null", "' OR 1=1 --", strings.Repeat("k", 4000), "", "k1\x00"}[i%6]
+		k := testKey{kid: kid, alg: "RS256", priv: rsaKeyB()}
+		if kid == "" {
+			k.kid = ""
+		}
+		tok := e.secret("ID token", sign(t, k, e.idp.claims(nil)))
+		wg.Go(func() {
+			if st, m := login(t, e.a, tok); st != 401 || !strings.HasPrefix(fmt.Sprint(m["error"]), "Invalid credentials") {
+				t.Errorf("kid %.20q: %d %v", kid, st, m)
+			}
+		})
+	}
+	wg.Wait()
+	if d := e.idp.jwksHits.Load() - before; d > 1 {
+		t.Errorf("%d JWKS fetches for the flood, want at most 1", d)
+	}
+	if d := time.Since(start); d > 10*time.Second {
+		t.Errorf("flood took %v: callers queued", d)
+	}
+	if n := e.noetl.Calls("POST /api/auth/login"); n != logins {
+		t.Errorf("NoETL was asked to log in %d times", n-logins)
+	}
+}
+
+// jwtAlgorithmConfusion guards JWT algorithm confusion (CWE-347 / CWE-327;
+// cf. the alg "none" and RS256→HS256 key confusion advisories of many JWT
+// libraries, and CVE-class embedded-key trust such as "jwk"/"jku" headers):
+// "none" in any case, HMAC keyed with the provider's public key in any
+// encoding, an algorithm that does not fit the key's type or pinned alg, and
+// keys offered by the token itself are all refused, and no key URL in a token
+// is ever fetched.
+func (e *secEnv) jwtAlgorithmConfusion(t *testing.T) {
+	claims := map[string]any(e.idp.claims(nil))
+	pub := &rsaKeyA().PublicKey
+	der, _ := x509.MarshalPKIXPublicKey(pub)
+	pemPKIX := pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der})
+	pemPKCS1 := pem.EncodeToMemory(&pem.Block{Type: "RSA PUBLIC KEY", Bytes: x509.MarshalPKCS1PublicKey(pub)})
+	jwkJSON, _ := json.Marshal(keyA().jwk())
+	hs := func(_ string, key []byte) func(string) []byte {
+		return func(in string) []byte {
+			h := hmac.New(sha256.New, key)
+			h.Write([]byte(in))
+			return h.Sum(nil)
+		}
+	}
+	withKey := func(k crypto.Signer, alg string) func(string) []byte {
+		return func(in string) []byte {
+			sig, err := jwt.GetSigningMethod(alg).Sign(in, k)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return sig
+		}
+	}
+	none := func(string) []byte { return nil }
+	attacker := keyB()
+	canary := e.canary.URL + "/jwks"
+	cases := map[string]string{
+		"alg none":               jwtToken(map[string]any{"alg": "none", "kid": "k1"}, claims, none),
+		"alg None":               jwtToken(map[string]any{"alg": "None", "kid": "k1"}, claims, none),
+		"alg NONE with sig":      jwtToken(map[string]any{"alg": "NONE", "kid": "k1"}, claims, withKey(rsaKeyA(), "RS256")),
+		"alg nOnE":               jwtToken(map[string]any{"alg": "nOnE"}, claims, none),
+		"no alg":                 jwtToken(map[string]any{"kid": "k1"}, claims, withKey(rsaKeyA(), "RS256")),
+		"HS256 PKIX PEM":         jwtToken(map[string]any{"alg": "HS256", "kid": "k1"}, claims, hs("HS256", pemPKIX)),
+		"HS256 PKCS1 PEM":        jwtToken(map[string]any{"alg": "HS256", "kid": "k1"}, claims, hs("HS256", pemPKCS1)),
+		"HS256 DER":              jwtToken(map[string]any{"alg": "HS256", "kid": "k1"}, claims, hs("HS256", der)),
+		"HS256 modulus":          jwtToken(map[string]any{"alg": "HS256", "kid": "k1"}, claims, hs("HS256", pub.N.Bytes())),
+		"HS256 JWK JSON":         jwtToken(map[string]any{"alg": "HS256", "kid": "k1"}, claims, hs("HS256", jwkJSON)),
+		"ES256 on RSA kid":       jwtToken(map[string]any{"alg": "ES256", "kid": "k1"}, claims, withKey(secECKey().priv, "ES256")),
+		"RS256 on EC kid":        jwtToken(map[string]any{"alg": "RS256", "kid": "e1"}, claims, withKey(rsaKeyA(), "RS256")),
+		"PS256 on RS256 key":     jwtToken(map[string]any{"alg": "PS256", "kid": "k1"}, claims, withKey(rsaKeyA(), "PS256")),
+		"EdDSA not allowed":      sign(t, testKey{kid: "k1", alg: "EdDSA", priv: newEdKey("k1").priv}, e.idp.claims(nil)),
+		"embedded jwk":           jwtToken(map[string]any{"alg": "RS256", "kid": "k1", "jwk": attacker.jwk()}, claims, withKey(attacker.priv, "RS256")),
+		"jku to canary":          jwtToken(map[string]any{"alg": "RS256", "kid": "k1", "jku": canary}, claims, withKey(attacker.priv, "RS256")),
+		"x5u to canary":          jwtToken(map[string]any{"alg": "RS256", "kid": "k1", "x5u": canary}, claims, withKey(attacker.priv, "RS256")),
+		"kid as number":          jwtToken(map[string]any{"alg": "RS256", "kid": 1}, claims, withKey(rsaKeyA(), "RS256")),
+		"crit header":            jwtToken(map[string]any{"alg": "RS256", "kid": "k1", "b64": false, "crit": []string{"b64"}}, claims, withKey(attacker.priv, "RS256")),
+		"signature of other key": jwtToken(map[string]any{"alg": "RS256", "kid": "k1"}, claims, withKey(attacker.priv, "RS256")),
+	}
+	logins := e.noetl.Calls("POST /api/auth/login")
+	for name, tok := range cases {
+		e.secret("ID token", tok)
+		st, m := login(t, e.a, tok)
+		if st != 401 || !strings.HasPrefix(fmt.Sprint(m["error"]), "Invalid credentials") {
+			t.Errorf("%s: %d %v", name, st, m)
+		}
+	}
+	// Control: the provider's own token passes, the same claims re-signed
+	// by its key with the right alg.
+	good := e.secret("ID token", jwtToken(map[string]any{"alg": "RS256", "kid": "k1", "typ": "JWT"}, claims, withKey(rsaKeyA(), "RS256")))
+	if st, m := login(t, e.a, good); st != 200 {
+		t.Fatalf("genuine token: %d %v", st, m)
+	} else {
+		e.secret("session token", fmt.Sprint(m["session_token"]))
+	}
+	if n := e.noetl.Calls("POST /api/auth/login") - logins; n != 1 {
+		t.Errorf("NoETL was asked to log in %d times, want 1 (the genuine token)", n)
+	}
+}
+
+// duplicateAuthorization guards credential confusion through repeated
+// headers (CWE-287; cf. the duplicate Authorization header advisories of
+// API gateways where the proxy checked one value and the backend used
+// another): two Authorization headers are ambiguous and authenticate nobody,
+// on every authenticated route, and never fall back to another source.
+func (e *secEnv) duplicateAuthorization(t *testing.T) {
+	s1, s2 := e.session(secUser), e.session(secUser)
+	cookie := e.secret("cookie value", "ck"+randHex(16))
+	dup := []string{"Authorization", "Bearer " + s1, "Authorization", "Bearer " + s2, "X-Session-Token", s1, "Cookie", "session_token=" + s1 + "; csrftoken=" + cookie}
+	for _, tc := range []struct{ method, path, body string }{
+		{"GET", "/noetl/dup", ""},
+		{"POST", "/graphql", `{"query":"{ health }"}`},
+		{"GET", "/graphql", ""},
+		{"GET", "/events", ""},
+		{"POST", "/api/auth/logout", ""},
+		{"POST", "/api/auth/check-access", `{"playbook_path":"ok/x","permission_type":"view"}`},
+	} {
+		var body io.Reader
+		if tc.body != "" {
+			body = strings.NewReader(tc.body)
+		}
+		if resp, m := do(t, tc.method, e.a.URL+tc.path, body, dup...); resp.StatusCode != 401 || m["error"] == nil {
+			t.Errorf("%s %s: %d %v", tc.method, tc.path, resp.StatusCode, m)
+		}
+	}
+	if resp, _ := do(t, "GET", e.a.URL+"/noetl/dup", nil, "Authorization", "Bearer "+s1+", Bearer "+s2); resp.StatusCode != 401 {
+		t.Errorf("comma-joined Authorization: %d", resp.StatusCode)
+	}
+	if len(e.proxiedFor(s1))+len(e.proxiedFor(s2)) != 0 {
+		t.Error("an ambiguous request reached NoETL")
+	}
+	// Neither session was logged out by the ambiguous logout.
+	for _, s := range []string{s1, s2} {
+		if st, m := validate(t, e.a.URL, s); st != 200 || m["valid"] != true {
+			t.Errorf("session after ambiguous logout: %d %v", st, m)
+		}
+	}
+	// One header is fine, and the cookie never reaches NoETL.
+	if resp, _ := do(t, "GET", e.a.URL+"/noetl/dup", nil, "Authorization", "Bearer "+s1, "Cookie", "csrftoken="+cookie); resp.StatusCode != 200 {
+		t.Errorf("single Authorization: %d", resp.StatusCode)
+	}
+	if got := e.proxiedFor(s1); len(got) != 1 || got[0].Header.Get("Cookie") != "" || got[0].Header.Get("Authorization") != "" {
+		t.Errorf("NoETL got %+v", got)
+	}
+}
+
+// streamed hides a reader's length so the client sends it chunked.
+type streamed struct{ io.Reader }
+
+// oversizedHeadersAndBodies guards resource exhaustion through request size
+// (CWE-400 / CWE-770; cf. the unbounded body and header advisories of
+// GraphQL servers and reverse proxies): headers beyond MaxHeaderBytes get
+// 431, and every route that reads a body answers 413 JSON beyond
+// MAX_BODY_BYTES, whether the length is declared or the body is streamed.
+func (e *secEnv) oversizedHeadersAndBodies(t *testing.T) {
+	tok := e.session(secUser)
+	for _, pairs := range [][]string{
+		{"X-Pad", strings.Repeat("a", 80<<10)},
+		{"Cookie", "session_token=" + tok + "; pad=" + strings.Repeat("b", 80<<10)},
+	} {
+		resp, _ := do(t, "GET", e.a.URL+"/noetl/oversized", nil, append([]string{"Authorization", "Bearer " + tok}, pairs...)...)
+		if resp.StatusCode != http.StatusRequestHeaderFieldsTooLarge {
+			t.Errorf("%s of 80 KiB: %d", pairs[0], resp.StatusCode)
+		}
+	}
+	big := `{"session_token":"` + tok + `","x":"` + strings.Repeat("a", secBodyLimit+1024) + `"}`
+	cb := []string{"X-Callback-Token", e.cbToken}
+	auth := []string{"Authorization", "Bearer " + tok}
+	for _, tc := range []struct {
+		path  string
+		pairs []string
+	}{
+		{"/api/auth/login", nil}, {"/api/auth/validate", nil}, {"/api/auth/check-access", nil}, {"/api/auth/logout", nil},
+		{"/graphql", auth}, {"/api/internal/callback", cb}, {"/api/internal/callback/async", cb}, {"/api/internal/progress", cb},
+		{"/noetl/oversized", auth}, {"/noetl/execute", auth},
+	} {
+		for _, mode := range []string{"declared", "streamed"} {
+			var body io.Reader = strings.NewReader(big)
+			if mode == "streamed" {
+				body = streamed{body}
+			}
+			resp, m := do(t, "POST", e.a.URL+tc.path, body, tc.pairs...)
+			if resp.StatusCode != http.StatusRequestEntityTooLarge || m["error"] != "request body too large" ||
+				!strings.HasPrefix(resp.Header.Get("Content-Type"), "application/json") {
+				t.Errorf("%s %s: %d %v", mode, tc.path, resp.StatusCode, m)
+			}
+		}
+	}
+	if got := e.executesOf(""); len(got) != 0 {
+		t.Errorf("an oversized execute reached NoETL: %+v", got)
+	}
+	if st, m := validate(t, e.a.URL, tok); st != 200 || m["valid"] != true {
+		t.Errorf("an oversized logout logged the session out: %d %v", st, m)
+	}
+}
+
+var sseLine = regexp.MustCompile(`^(id: [0-9]+|event: (message|ping|playbook/result|playbook/progress|error)|data: .*|retry: 3000|:.*)$`)
+
+// sseFieldInjection guards SSE field injection (CWE-93 / CWE-74; cf.
+// newline injection advisories in SSE and log libraries): a worker callback
+// whose execution id, status, step, message, error or data carries CR, LF,
+// "\nevent: x", "\nid:" or "\nretry:" cannot create a field, event or frame
+// at the browser. The stream is read raw on one replica while the callbacks
+// land on the other.
+func (e *secEnv) sseFieldInjection(t *testing.T) {
+	tok := e.session(secUser)
+	client := "sec-sse-" + randHex(4)
+	stream := openRawSSE(t, e.a.URL+"/events?client_id="+client, tok)
+	waitFor(t, 10*time.Second, "init frame", func() bool { return strings.Contains(stream.buf.String(), "event: ping") })
+	rid := func() string {
+		res := postGQL(t, e.a.URL, tok, `mutation($c: String) { executePlaybook(name: "ok/sse", clientId: $c) { requestId } }`, map[string]any{"c": client})
+		r, _ := res["data"].(map[string]any)["executePlaybook"].(map[string]any)
+		if r == nil || r["requestId"] == nil {
+			t.Fatalf("executePlaybook: %v", res)
+		}
+		return r["requestId"].(string)
+	}
+	const inj = "x\n\nevent: x\nid: 999\nretry: 1\r\ndata: {}\r\rid: 1\u2028\u0085"
+	r1, r2 := rid(), rid()
+	post := func(route string, body map[string]any) {
+		st, _, m := doJSON(t, "POST", e.b.InternalURL+route, body, nil)
+		if st != 200 && st != 202 {
+			t.Fatalf("%s: %d %v", route, st, m)
+		}
+	}
+	post("/api/internal/progress", map[string]any{"request_id": r1, "execution_id": inj, "step": inj, "message": inj, "progress": 0.5})
+	post("/api/internal/callback/async", map[string]any{"request_id": r1, "execution_id": inj, "status": inj, "data": map[string]any{inj: inj, "n": []any{inj}}})
+	post("/api/internal/callback/async", map[string]any{"request_id": r2, "execution_id": 7, "status": "FAILED", "error": map[string]any{"code": 1, "message": inj, "data": inj}})
+	for _, bad := range []string{"a\nb", "a\rb", "x\nevent: y"} {
+		if st, _, _ := doJSON(t, "POST", e.b.InternalURL+"/api/internal/progress", map[string]any{"request_id": bad}, nil); st != 400 {
+			t.Errorf("request_id %q: %d", bad, st)
+		}
+	}
+	waitFor(t, 10*time.Second, "three events", func() bool { return strings.Count(stream.buf.String(), "event: playbook/") >= 3 })
+	raw := stream.buf.String()
+	if strings.ContainsAny(raw, "\r\x00") {
+		t.Fatalf("stream carries CR or NUL: %q", raw)
+	}
+	var frames int
+	for _, frame := range strings.Split(strings.TrimSuffix(raw, "\n\n"), "\n\n") {
+		for _, line := range strings.Split(frame, "\n") {
+			if !sseLine.MatchString(line) {
+				t.Errorf("line %q creates a field", line)
+			}
+			if d, ok := strings.CutPrefix(line, "data: "); ok {
+				var m map[string]any
+				if err := json.Unmarshal([]byte(d), &m); err != nil {
+					t.Errorf("data is not one JSON value: %q", d)
+				}
+				if p, _ := m["params"].(map[string]any); p != nil && p["executionId"] == inj {
+					frames++
+				}
+			}
+		}
+	}
+	if frames != 2 {
+		t.Errorf("%d frames carried the execution id intact, want 2:\n%s", frames, raw)
+	}
+}
+
+// corsWildcardCredentials guards permissive CORS (CWE-942; cf. the origin
+// reflection and "*"-with-credentials advisories of API gateways): an origin
+// is echoed only when listed exactly, "*" never comes with credentials, a
+// disallowed preflight gets no CORS headers, NoETL's own CORS headers never
+// pass the proxy, and a cross-origin logout (CSRF, CWE-352) is refused.
+func (e *secEnv) corsWildcardCredentials(t *testing.T) {
+	tok := e.session(secUser)
+	check := func(g *gateway, name, origin, wantACAO string, wantCred bool, req func() *http.Response) {
+		t.Helper()
+		resp := req()
+		acao, cred := resp.Header.Values("Access-Control-Allow-Origin"), resp.Header.Get("Access-Control-Allow-Credentials")
+		if len(acao) > 1 || (len(acao) == 1) != (wantACAO != "") || len(acao) == 1 && acao[0] != wantACAO || (cred == "true") != wantCred {
+			t.Errorf("%s origin %q: ACAO %q credentials %q", name, origin, acao, cred)
+		}
+		if len(acao) == 1 && acao[0] == "*" && cred != "" {
+			t.Errorf("%s: wildcard with credentials", name)
+		}
+	}
+	for _, g := range []*gateway{e.a, e.b} {
+		wildcard := g == e.b
+		for _, origin := range []string{"http://app.example", "http://app.example.evil.com", "http://evil.com", "null", "http://APP.example", "http://app.example:80", "https://app.example"} {
+			want, cred := "", false
+			switch {
+			case wildcard:
+				want = "*"
+			case origin == "http://app.example":
+				want, cred = origin, true
+			}
+			check(g, "proxied GET", origin, want, cred, func() *http.Response {
+				resp, _ := do(t, "GET", g.URL+"/noetl/cors", nil, "Authorization", "Bearer "+tok, "Origin", origin)
+				return resp
+			})
+			check(g, "preflight", origin, want, cred, func() *http.Response {
+				resp, _ := do(t, "OPTIONS", g.URL+"/api/auth/logout", nil, "Origin", origin, "Access-Control-Request-Method", "POST", "Access-Control-Request-Headers", "authorization")
+				if want == "" && resp.Header.Get("Access-Control-Allow-Methods") != "" {
+					t.Errorf("disallowed preflight got Allow-Methods")
+				}
+				return resp
+			})
+		}
+	}
+	resp, _ := do(t, "POST", e.a.URL+"/api/auth/logout", nil, "Cookie", "session_token="+tok, "Origin", "http://evil.com", "Sec-Fetch-Site", "cross-site")
+	if resp.StatusCode != http.StatusForbidden {
+		t.Errorf("cross-origin logout: %d", resp.StatusCode)
+	}
+	if st, m := validate(t, e.a.URL, tok); st != 200 || m["valid"] != true {
+		t.Errorf("session after cross-origin logout: %d %v", st, m)
+	}
+}
+
+// internalRoutesGuard guards unauthenticated internal endpoints (CWE-306 /
+// CWE-288; cf. exposed admin and callback endpoint advisories, and the
+// "localhost behind a same-host proxy" bypass class): worker routes refuse a
+// missing or wrong CALLBACK_TOKEN in any near-miss spelling; without a token
+// they accept loopback peers only, and a loopback peer that forwards for
+// someone else is not local; with GATEWAY_INTERNAL_ADDR they do not exist on
+// the public listener.
+func (e *secEnv) internalRoutesGuard(t *testing.T) {
+	routes := []string{"/api/internal/callback", "/api/internal/callback/async", "/api/internal/progress"}
+	body := `{"request_id":"sec-guard-1","status":"success","data":{}}`
+	wrong := e.secret("wrong callback token", "cb"+randHex(16))
+	for _, route := range routes {
+		for _, pairs := range [][]string{
+			nil,
+			{"X-Callback-Token", wrong},
+			{"X-Callback-Token", strings.ToUpper(e.cbToken)},
+			{"X-Callback-Token", e.cbToken[:len(e.cbToken)-1]},
+			{"X-Callback-Token", e.cbToken + "x"},
+			{"Authorization", "bearer " + e.cbToken},
+			{"Authorization", "Basic " + e.cbToken},
+			{"Authorization", "Bearer " + wrong, "Authorization", "Bearer " + e.cbToken},
+			{"X-Callback-Token", "", "Authorization", "Bearer " + wrong},
+		} {
+			resp, m := do(t, "POST", e.a.URL+route, strings.NewReader(body), pairs...)
+			if resp.StatusCode != 401 || m["error"] != "callback token required" {
+				t.Errorf("%s with %q: %d %v", route, pairs, resp.StatusCode, m)
+			}
+		}
+		if resp, _ := do(t, "POST", e.a.URL+route+"?callback_token="+e.cbToken, strings.NewReader(body)); resp.StatusCode != 401 {
+			t.Errorf("%s with the token in the query: %d", route, resp.StatusCode)
+		}
+		// The right token passes the guard (the body is then judged).
+		if resp, _ := do(t, "POST", e.a.URL+route, strings.NewReader(body), "X-Callback-Token", e.cbToken); resp.StatusCode == 401 || resp.StatusCode == 403 {
+			t.Errorf("%s with the token: %d", route, resp.StatusCode)
+		}
+		// Replica B serves them on its internal listener only.
+		if resp, _ := do(t, "POST", e.b.URL+route, strings.NewReader(body)); resp.StatusCode != 404 {
+			t.Errorf("%s on B's public listener: %d", route, resp.StatusCode)
+		}
+	}
+	// The in-process chain has neither: loopback only, proxied loopback is
+	// not loopback. Peers a socket cannot fake go through a recorder.
+	h := e.chain.Config.Handler
+	for _, route := range append(routes, "/metrics") {
+		for _, tc := range []struct {
+			peer    string
+			headers []string
+			refused bool
+		}{
+			{"203.0.113.5:4000", nil, true},
+			{"[2001:db8::1]:4000", nil, true},
+			{"10.0.0.8:4000", []string{"X-Callback-Token", e.cbToken}, true},
+			{"127.0.0.1:4000", []string{"X-Forwarded-For", "203.0.113.5"}, true},
+			{"127.0.0.1:4000", []string{"Forwarded", "for=203.0.113.5"}, true},
+			{"[::1]:4000", []string{"X-Real-IP", "203.0.113.5"}, true},
+			{"127.0.0.1:4000", nil, false},
+			{"[::1]:4000", nil, false},
+		} {
+			method := "POST"
+			if route == "/metrics" {
+				method = "GET"
+			}
+			req := httptest.NewRequest(method, route, strings.NewReader(body))
+			req.Header.Set("Content-Type", "application/json")
+			for i := 0; i+1 < len(tc.headers); i += 2 {
+				req.Header.Set(tc.headers[i], tc.headers[i+1])
+			}
+			req.RemoteAddr = tc.peer
+			rec := httptest.NewRecorder()
+			h.ServeHTTP(rec, req)
+			if refused := rec.Code == http.StatusForbidden; refused != tc.refused {
+				t.Errorf("%s from %s %q: %d %s", route, tc.peer, tc.headers, rec.Code, rec.Body)
+			}
+		}
+	}
+}
+
+// ssrfProxyRequest guards server-side request forgery (CWE-918; cf. the
+// SSRF advisories of GraphQL gateways and URL-joining proxies): no
+// proxyRequest endpoint — schemes, "@host", "//host", backslashes, encoded
+// and Unicode look-alike slashes, CR/LF — no absolute-form request target,
+// Host header, token key URL or login auth0_domain makes the gateway
+// contact any host but NoETL, and what reaches NoETL stays under /api/.
+func (e *secEnv) ssrfProxyRequest(t *testing.T) {
+	tok := e.session(secUser)
+	ch := strings.TrimPrefix(e.canary.URL, "http://")
+	const q = `mutation($m: String!, $e: String!) { proxyRequest(input: {method: $m, endpoint: $e}) { success error } }`
+	for _, ep := range []string{
+		"@" + ch + "/api/x", "//" + ch + "/api/x", "/api/x@" + ch, "/api/@" + ch, "/api/%40" + ch, "http://" + ch + "/api/x",
+		"https://" + ch + "/api/", "/api/http://" + ch + "/", "/api/http:%2F%2F" + ch, "/api/%2F%2F" + ch, "/api//" + ch,
+		"/api/\\\\" + ch, "/api/%5C%5C" + ch, "\\\\" + ch + "/api/x", "/api\\" + ch, "/api/..%2F..%2F" + ch, "/api/%2e%2e/%2e%2e/" + ch,
+		"/api/x/../../" + ch, "/api/x#@" + ch, " /api/x", "/api/x\t@" + ch, "/api/x\r\nHost: " + ch, "/api/\u2215\u2215" + ch,
+		"/api/／／" + ch, "/api/%ef%bc%8f%ef%bc%8f" + ch, "api/x", "/API/x", "//" + ch, "/api/x:@" + ch, "/api/" + ch + ":80/",
+		"/api/x?u=http://" + ch, "/api/%252F%252F" + ch, "/api/%00" + ch, "/api/\x00" + ch,
+	} {
+		for _, m := range []string{"GET", "POST"} {
+			res := postGQL(t, e.a.URL, tok, q, map[string]any{"m": m, "e": ep})
+			if res["errors"] != nil {
+				t.Errorf("%q: %v", ep, res["errors"])
+			}
+		}
+	}
+	// A dying upstream: the error is logged without the URL's query.
+	leak := e.secret("session token in a query", "st"+randHex(20))
+	postGQL(t, e.a.URL, tok, q, map[string]any{"m": "GET", "e": "/api/drop?session_token=" + leak})
+	for _, target := range []string{"http://" + ch + "/noetl/ssrf", "http://" + ch + "@gw/noetl/ssrf"} {
+		rawHTTP(t, e.a.URL, "GET "+target+" HTTP/1.1\r\nHost: "+ch+"\r\nAuthorization: Bearer "+tok+"\r\nConnection: close\r\n\r\n")
+	}
+	do(t, "GET", e.a.URL+"/noetl/ssrf", nil, "Authorization", "Bearer "+tok, "Host", ch)
+	login(t, e.a, e.secret("ID token", sign(t, keyA(), e.idp.claims(map[string]any{"iss": "https://" + ch + "/"}))))
+	if n := e.canaryHits.Load(); n != 0 {
+		t.Fatalf("%d requests reached a host other than NoETL", n)
+	}
+	noetlHost := strings.TrimPrefix(e.noetl.URL, "http://")
+	got := e.proxiedFor(tok)
+	if len(got) == 0 {
+		t.Fatal("no request reached NoETL: the control is broken")
+	}
+	for _, s := range got {
+		if s.Header.Get("Host") != noetlHost || !strings.HasPrefix(s.Path, "/api/") || strings.Contains(s.Path, "//") || strings.Contains(s.Path, "..") {
+			t.Errorf("NoETL got %s %s (Host %s)", s.Method, s.RawPath, s.Header.Get("Host"))
+		}
+	}
+}
+
+// accessDecisionCacheKey guards authorization cache confusion (CWE-639 /
+// CWE-863; cf. the cache-key advisories of authorization proxies where a
+// decision made for one user or resource was served for another): each
+// (session, playbook path, action) gets its own decision from NoETL, repeats
+// are served from the cache, and a logout on one replica ends the session
+// and its decisions on both.
+func (e *secEnv) accessDecisionCacheKey(t *testing.T) {
+	s1, denied := e.session(secUser), e.session(secUser, "deny")
+	ask := func(g *gateway, tok, path, action string) (int, any) {
+		t.Helper()
+		st, _, m := doJSON(t, "POST", g.URL+"/api/auth/check-access", map[string]any{"session_token": tok, "playbook_path": path, "permission_type": action}, nil)
+		return st, m["allowed"]
+	}
+	cases := []struct {
+		tok, path, action string
+		allowed           bool
+	}{
+		{s1, "ok/cache-a", "execute", true},
+		{denied, "ok/cache-a", "execute", false},
+		{s1, "secret/cache-b", "execute", false},
+		{s1, "ok/cache-a", "view", true},
+		{s1, "ok/cache-a", "modify", false},
+		{s1, "ok/Cache-A", "execute", true},
+		{s1, "ok/cache-a/", "execute", true},
+	}
+	for round := range 2 {
+		for _, c := range cases {
+			if st, allowed := ask(e.a, c.tok, c.path, c.action); st != 200 || allowed != c.allowed {
+				t.Errorf("round %d %s %s %s: %d allowed=%v", round, c.tok[:4], c.path, c.action, st, allowed)
+			}
+		}
+	}
+	for _, c := range cases {
+		if n := e.checkCount(c.tok, c.path, c.action); n != 1 {
+			t.Errorf("%s %s %s: NoETL asked %d times, want 1", c.tok[:4], c.path, c.action, n)
+		}
+	}
+	// The proxy's execute uses the same per-session decisions.
+	for _, tc := range []struct {
+		tok  string
+		want int
+	}{{s1, 200}, {denied, 403}} {
+		if resp, m := do(t, "POST", e.a.URL+"/noetl/execute", strings.NewReader(`{"path":"ok/cache-a"}`), "Authorization", "Bearer "+tc.tok); resp.StatusCode != tc.want {
+			t.Errorf("execute: %d %v", resp.StatusCode, m)
+		}
+	}
+	if n := e.checkCount(denied, "ok/cache-a", "execute"); n != 1 {
+		t.Errorf("denied session asked %d times", n)
+	}
+	// Logout on A: B refuses the session at once, even for decisions it
+	// had cached, although NoETL still calls it valid.
+	if st, _ := ask(e.b, s1, "ok/cache-a", "execute"); st != 200 {
+		t.Fatalf("B before logout: %d", st)
+	}
+	if resp, m := do(t, "POST", e.a.URL+"/api/auth/logout", nil, "Authorization", "Bearer "+s1); resp.StatusCode != 200 {
+		t.Fatalf("logout: %d %v", resp.StatusCode, m)
+	}
+	waitFor(t, 5*time.Second, "logout on B", func() bool {
+		st, _ := ask(e.b, s1, "ok/cache-a", "execute")
+		return st == 401
+	})
+	if resp, _ := do(t, "POST", e.b.URL+"/noetl/execute", strings.NewReader(`{"path":"ok/cache-a"}`), "Authorization", "Bearer "+s1); resp.StatusCode != 401 {
+		t.Errorf("execute on B after logout: %d", resp.StatusCode)
+	}
+}
+
+// noSecretsInLogs guards sensitive data in logs (CWE-532; cf. the token
+// logging advisories of oauth2-proxy, Grafana and Vault): nothing the suite
+// used as a session token, ID token, callback token, NATS password or cookie
+// value appears in any gateway's log output, whole or in part.
+func (e *secEnv) noSecretsInLogs(t *testing.T) {
+	e.mu.Lock()
+	secrets := make(map[string]string, len(e.secrets))
+	for k, v := range e.secrets {
+		secrets[k] = v
+	}
+	e.mu.Unlock()
+	if len(secrets) < 50 {
+		t.Fatalf("only %d secrets registered: the suite did not run", len(secrets))
+	}
+	for i, logs := range e.logs {
+		out := logs.String()
+		if strings.Count(out, `"msg":"request"`) < 20 {
+			t.Fatalf("log %d has too few request lines to judge:\n%.2000s", i, out)
+		}
+		for s, kind := range secrets {
+			for _, part := range []string{s, s[:min(len(s), 20)], s[max(0, len(s)-20):]} {
+				if len(part) >= 16 && strings.Contains(out, part) {
+					t.Errorf("log %d contains a %s (%.12s…)", i, kind, s)
+					break
+				}
+			}
+		}
+	}
+	// Sessions are named in logs by their id, which is how operators follow them.
+	if !strings.Contains(e.a.Logs.String(), `"msg":"logout"`) {
+		t.Error("no logout line: sessions are not named in logs at all")
+	}
+}
