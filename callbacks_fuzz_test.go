@@ -13,7 +13,7 @@ import (
 // anything else would be internal text (a Go or NATS error) reaching the
 // caller.
 var callbackErrors = regexp.MustCompile(`^(Content-Type must be application/json|request body too large|invalid JSON|invalid JSON: empty body|` +
-	`invalid JSON: field "[a-z_.]+" must be [a-z0-9\[\]*.]+|request_id must be 1-128 characters of \[A-Za-z0-9_-\]|` +
+	`invalid JSON: field "[a-z_.]+" must be (string|boolean|integer|number|object|array)|request_id must be 1-128 characters of \[A-Za-z0-9_-\]|` +
 	`execution_id must be a string or a number|error\.message is required|Request not found|request store unavailable|event store unavailable)$`)
 
 // FuzzCallbackBody drives the real worker routes (async result and progress,

@@ -15,6 +15,7 @@ import (
 	"net/http"
 	"net/netip"
 	"path"
+	"reflect"
 	"runtime/debug"
 	"strconv"
 	"strings"
@@ -370,13 +371,40 @@ func decodeJSON(w http.ResponseWriter, r *http.Request, dst any) bool {
 	case errors.As(err, &mbe):
 		writeError(w, r, http.StatusRequestEntityTooLarge, "request body too large", nil)
 	case errors.As(err, &te) && te.Field != "":
-		writeError(w, r, http.StatusBadRequest, fmt.Sprintf("invalid JSON: field %q must be %s", te.Field, te.Type), nil)
+		writeError(w, r, http.StatusBadRequest, fmt.Sprintf("invalid JSON: field %q must be %s", te.Field, jsonKind(te.Type)), nil)
 	case errors.Is(err, io.EOF):
 		writeError(w, r, http.StatusBadRequest, "invalid JSON: empty body", nil)
 	default:
 		writeError(w, r, http.StatusBadRequest, "invalid JSON", nil)
 	}
 	return false
+}
+
+// jsonKind names the JSON type a Go type decodes from; the Go type itself
+// (main.errorIn, *int) is internal and never shown to clients.
+func jsonKind(t reflect.Type) string {
+	for t != nil && t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	if t == nil {
+		return "a JSON value"
+	}
+	switch t.Kind() {
+	case reflect.String:
+		return "string"
+	case reflect.Bool:
+		return "boolean"
+	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64,
+		reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64, reflect.Uintptr:
+		return "integer"
+	case reflect.Float32, reflect.Float64:
+		return "number"
+	case reflect.Struct, reflect.Map:
+		return "object"
+	case reflect.Slice, reflect.Array:
+		return "array"
+	}
+	return "a JSON value"
 }
 
 // peerAddr is the TCP peer of the request.

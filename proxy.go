@@ -236,9 +236,10 @@ func executeBodyPath(body []byte) (path, problem string) {
 
 // ownedHeader reports whether a header name, in any spelling, is one the
 // gateway sets itself towards NoETL, or one that NoETL or a framework in
-// front of it might read as the client's address or identity: lower-cased,
-// with "_" and "." read as "-" (CGI/WSGI servers and some proxies fold them
-// together).
+// front of it might read as the client's address or identity, or as a
+// method or path other than the one the gateway authorized (method override
+// and X-Original-URL style rewrites): lower-cased, with "_" and "." read as
+// "-" (CGI/WSGI servers and some proxies fold them together).
 func ownedHeader(name string) bool {
 	n := strings.Map(func(r rune) rune {
 		if r == '_' || r == '.' {
@@ -251,7 +252,8 @@ func ownedHeader(name string) bool {
 	}, name)
 	switch n {
 	case "x-session-token", "x-session-id", "x-request-id", "cookie", "authorization", "proxy-authorization",
-		"forwarded", "x-real-ip", "x-client-ip":
+		"forwarded", "x-real-ip", "x-client-ip",
+		"x-http-method-override", "x-http-method", "x-method-override", "x-original-url", "x-rewrite-url", "x-original-method":
 		return true
 	}
 	return strings.HasPrefix(n, "x-user-") || strings.HasPrefix(n, "x-gateway-") || strings.HasPrefix(n, "x-forwarded-")

@@ -106,6 +106,18 @@ func (e *secEnv) checkCount(token, path, action string) int {
 	return e.checks[accessKey{token, path, action}]
 }
 
+// loginSent reports whether NoETL was asked to log in with idToken.
+func (e *secEnv) loginSent(idToken string) bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for _, l := range e.logins {
+		if l["auth0_token"] == idToken {
+			return true
+		}
+	}
+	return false
+}
+
 func (e *secEnv) lastLogin() map[string]any {
 	e.mu.Lock()
 	defer e.mu.Unlock()
@@ -296,7 +308,9 @@ func openRawSSE(t *testing.T, url, token string) *rawStream {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	req, _ := http.NewRequestWithContext(ctx, "GET", url, nil)
-	req.Header.Set("Authorization", "Bearer "+token)
+	if token != "" {
+		req.Header.Set("Authorization", "Bearer "+token)
+	}
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		cancel()
