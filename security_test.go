@@ -49,6 +49,7 @@ func TestSecurity(t *testing.T) {
 			{"InternalRoutesGuard", e.internalRoutesGuard},
 			{"SSRFProxyRequest", e.ssrfProxyRequest},
 			{"AccessDecisionCacheKey", e.accessDecisionCacheKey},
+			{"ErrorsExposeNoInternals", e.errorsExposeNoInternals},
 		} {
 			t.Run(c.name, func(t *testing.T) {
 				t.Parallel()
@@ -857,6 +858,47 @@ func (e *secEnv) accessDecisionCacheKey(t *testing.T) {
 	})
 	if resp, _ := do(t, "POST", e.b.URL+"/noetl/execute", strings.NewReader(`{"path":"ok/cache-a"}`), "Authorization", "Bearer "+s1); resp.StatusCode != 401 {
 		t.Errorf("execute on B after logout: %d", resp.StatusCode)
+	}
+}
+
+var internalText = regexp.MustCompile(`main\.|\*[a-z]|json: |invalid character|unexpected EOF|reflect|runtime|goroutine|dial tcp|connection refused|127\.0\.0\.1|http: |nats: `)
+
+// errorsExposeNoInternals guards information exposure through error
+// messages (CWE-209; cf. gateways that echoed upstream bodies and Go error
+// strings): malformed, mistyped and hostile bodies on every JSON route, and
+// an upstream that dies, get short fixed messages, never Go types, decoder
+// errors, addresses or upstream bodies.
+func (e *secEnv) errorsExposeNoInternals(t *testing.T) {
+	tok := e.session(secUser)
+	auth := []string{"Authorization", "Bearer " + tok}
+	cb := []string{"X-Callback-Token", e.cbToken}
+	for _, tc := range []struct {
+		path  string
+		pairs []string
+	}{
+		{"/api/auth/login", nil}, {"/api/auth/validate", nil}, {"/api/auth/check-access", nil}, {"/api/auth/logout", nil},
+		{"/graphql", auth}, {"/api/internal/callback", cb}, {"/api/internal/callback/async", cb}, {"/api/internal/progress", cb},
+		{"/noetl/execute", auth},
+	} {
+		for _, body := range []string{
+			`{`, `[]`, `"x"`, `{"auth0_token":1,"session_duration_hours":"8"}`, `{"session_token":{"a":1}}`, `{"playbook_path":[1],"permission_type":true}`,
+			`{"query":1,"variables":"x"}`, `{"request_id":"r","execution_id":{},"error":""}`, `{"request_id":"r","error":{"code":"x","message":1}}`,
+			`{"path":{"$gt":""}}`, "{\"a\":\"\xff\"}", `{"a":1}{"b":2}`, strings.Repeat(`[`, 100000),
+		} {
+			resp, m := do(t, "POST", e.a.URL+tc.path, strings.NewReader(body), tc.pairs...)
+			msg := fmt.Sprint(m["error"])
+			if m == nil || resp.StatusCode >= 500 || internalText.MatchString(msg) {
+				t.Errorf("%s %.40q: %d %v", tc.path, body, resp.StatusCode, m)
+			}
+		}
+	}
+	const q = `mutation($e: String!) { proxyRequest(input: {method: "GET", endpoint: $e}) { success error } }`
+	res := postGQL(t, e.a.URL, tok, q, map[string]any{"e": "/api/drop"})
+	if raw, _ := json.Marshal(res); internalText.MatchString(string(raw)) {
+		t.Errorf("proxyRequest to a dying upstream: %s", raw)
+	}
+	if resp, m := do(t, "GET", e.a.URL+"/noetl/drop", nil, auth...); resp.StatusCode != 502 || m["error"] != "upstream unavailable" {
+		t.Errorf("proxy to a dying upstream: %d %v", resp.StatusCode, m)
 	}
 }
 
