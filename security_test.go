@@ -40,6 +40,7 @@ func TestSecurity(t *testing.T) {
 			{"SSRFProxyRequest", e.ssrfProxyRequest},
 			{"AccessDecisionCacheKey", e.accessDecisionCacheKey},
 			{"ErrorsExposeNoInternals", e.errorsExposeNoInternals},
+			{"GraphQLAliasAmplification", e.graphqlAliasAmplification},
 		} {
 			t.Run(c.name, func(t *testing.T) {
 				t.Parallel()
@@ -549,5 +550,35 @@ func (e *secEnv) errorsExposeNoInternals(t *testing.T) {
 	}
 	if resp, m := do(t, "GET", e.a.URL+"/noetl/drop", nil, auth...); resp.StatusCode != 502 || m["error"] != "upstream unavailable" {
 		t.Errorf("proxy to a dying upstream: %d %v", resp.StatusCode, m)
+	}
+}
+
+// graphqlAliasAmplification guards batching through aliases (CWE-770; cf.
+// the alias and batching amplification advisories of GraphQL servers): one
+// HTTP request cannot carry more than a handful of side effects, however
+// many aliased mutation fields (directly or through fragments) it names.
+func (e *secEnv) graphqlAliasAmplification(t *testing.T) {
+	tok := e.session(secUser)
+	var fields, frag strings.Builder
+	for i := range 60 {
+		fmt.Fprintf(&fields, "a%d: proxyRequest(input: {method: \"GET\", endpoint: \"/api/amp\"}) { success }\n", i)
+		fmt.Fprintf(&frag, "b%d: executePlaybook(name: \"ok/amp\") { id }\n", i)
+	}
+	for _, q := range []string{
+		"mutation {\n" + fields.String() + "}",
+		"mutation { ...F }\nfragment F on MutationRoot {\n" + frag.String() + "}",
+	} {
+		res := postGQL(t, e.a.URL, tok, q, nil)
+		if res["data"] != nil || res["errors"] == nil {
+			t.Errorf("%d aliased mutations: %v", 60, res)
+		}
+	}
+	if n := len(e.proxiedFor(tok)) + len(e.executesOf("ok/amp")); n != 0 {
+		t.Fatalf("%d side effects reached NoETL", n)
+	}
+	// A UI-sized request still works.
+	res := postGQL(t, e.a.URL, tok, "mutation { a: proxyRequest(input: {method: \"GET\", endpoint: \"/api/amp\"}) { success } b: proxyRequest(input: {method: \"GET\", endpoint: \"/api/amp\"}) { success } }", nil)
+	if res["errors"] != nil || len(e.proxiedFor(tok)) != 2 {
+		t.Fatalf("two mutations: %v", res)
 	}
 }
