@@ -19,8 +19,8 @@ import (
 	"github.com/golang-jwt/jwt/v5"
 )
 
-// jwtToken assembles a JWT from parts without any library checks.
-func jwtToken(header, claims map[string]any, sign func(input string) []byte) string {
+// secJWT assembles a JWT from parts without any library checks.
+func secJWT(header, claims map[string]any, sign func(input string) []byte) string {
 	h, _ := json.Marshal(header)
 	c, _ := json.Marshal(claims)
 	input := b64(h) + "." + b64(c)
@@ -43,7 +43,7 @@ func (e *secEnv) jwtUnknownKidFlood(t *testing.T) {
 	start := time.Now()
 	var wg sync.WaitGroup
 	for i := range 60 {
-		kid := []string{"kid-" + randHex(4), "../../../../dev/null", "' OR 1=1 --", strings.Repeat("k", 4000), "", "k1\x00"}[i%6]
+		kid := []string{"kid-" + secRandHex(4), "../../../../dev/null", "' OR 1=1 --", strings.Repeat("k", 4000), "", "k1\x00"}[i%6]
 		k := testKey{kid: kid, alg: "RS256", priv: rsaKeyB()}
 		if kid == "" {
 			k.kid = ""
@@ -101,26 +101,26 @@ func (e *secEnv) jwtAlgorithmConfusion(t *testing.T) {
 	attacker := keyB()
 	canary := e.canary.URL + "/jwks"
 	cases := map[string]string{
-		"alg none":               jwtToken(map[string]any{"alg": "none", "kid": "k1"}, claims, none),
-		"alg None":               jwtToken(map[string]any{"alg": "None", "kid": "k1"}, claims, none),
-		"alg NONE with sig":      jwtToken(map[string]any{"alg": "NONE", "kid": "k1"}, claims, withKey(rsaKeyA(), "RS256")),
-		"alg nOnE":               jwtToken(map[string]any{"alg": "nOnE"}, claims, none),
-		"no alg":                 jwtToken(map[string]any{"kid": "k1"}, claims, withKey(rsaKeyA(), "RS256")),
-		"HS256 PKIX PEM":         jwtToken(map[string]any{"alg": "HS256", "kid": "k1"}, claims, hs("HS256", pemPKIX)),
-		"HS256 PKCS1 PEM":        jwtToken(map[string]any{"alg": "HS256", "kid": "k1"}, claims, hs("HS256", pemPKCS1)),
-		"HS256 DER":              jwtToken(map[string]any{"alg": "HS256", "kid": "k1"}, claims, hs("HS256", der)),
-		"HS256 modulus":          jwtToken(map[string]any{"alg": "HS256", "kid": "k1"}, claims, hs("HS256", pub.N.Bytes())),
-		"HS256 JWK JSON":         jwtToken(map[string]any{"alg": "HS256", "kid": "k1"}, claims, hs("HS256", jwkJSON)),
-		"ES256 on RSA kid":       jwtToken(map[string]any{"alg": "ES256", "kid": "k1"}, claims, withKey(secECKey().priv, "ES256")),
-		"RS256 on EC kid":        jwtToken(map[string]any{"alg": "RS256", "kid": "e1"}, claims, withKey(rsaKeyA(), "RS256")),
-		"PS256 on RS256 key":     jwtToken(map[string]any{"alg": "PS256", "kid": "k1"}, claims, withKey(rsaKeyA(), "PS256")),
+		"alg none":               secJWT(map[string]any{"alg": "none", "kid": "k1"}, claims, none),
+		"alg None":               secJWT(map[string]any{"alg": "None", "kid": "k1"}, claims, none),
+		"alg NONE with sig":      secJWT(map[string]any{"alg": "NONE", "kid": "k1"}, claims, withKey(rsaKeyA(), "RS256")),
+		"alg nOnE":               secJWT(map[string]any{"alg": "nOnE"}, claims, none),
+		"no alg":                 secJWT(map[string]any{"kid": "k1"}, claims, withKey(rsaKeyA(), "RS256")),
+		"HS256 PKIX PEM":         secJWT(map[string]any{"alg": "HS256", "kid": "k1"}, claims, hs("HS256", pemPKIX)),
+		"HS256 PKCS1 PEM":        secJWT(map[string]any{"alg": "HS256", "kid": "k1"}, claims, hs("HS256", pemPKCS1)),
+		"HS256 DER":              secJWT(map[string]any{"alg": "HS256", "kid": "k1"}, claims, hs("HS256", der)),
+		"HS256 modulus":          secJWT(map[string]any{"alg": "HS256", "kid": "k1"}, claims, hs("HS256", pub.N.Bytes())),
+		"HS256 JWK JSON":         secJWT(map[string]any{"alg": "HS256", "kid": "k1"}, claims, hs("HS256", jwkJSON)),
+		"ES256 on RSA kid":       secJWT(map[string]any{"alg": "ES256", "kid": "k1"}, claims, withKey(secECKey().priv, "ES256")),
+		"RS256 on EC kid":        secJWT(map[string]any{"alg": "RS256", "kid": "e1"}, claims, withKey(rsaKeyA(), "RS256")),
+		"PS256 on RS256 key":     secJWT(map[string]any{"alg": "PS256", "kid": "k1"}, claims, withKey(rsaKeyA(), "PS256")),
 		"EdDSA not allowed":      sign(t, testKey{kid: "k1", alg: "EdDSA", priv: newEdKey("k1").priv}, e.idp.claims(nil)),
-		"embedded jwk":           jwtToken(map[string]any{"alg": "RS256", "kid": "k1", "jwk": attacker.jwk()}, claims, withKey(attacker.priv, "RS256")),
-		"jku to canary":          jwtToken(map[string]any{"alg": "RS256", "kid": "k1", "jku": canary}, claims, withKey(attacker.priv, "RS256")),
-		"x5u to canary":          jwtToken(map[string]any{"alg": "RS256", "kid": "k1", "x5u": canary}, claims, withKey(attacker.priv, "RS256")),
-		"kid as number":          jwtToken(map[string]any{"alg": "RS256", "kid": 1}, claims, withKey(rsaKeyA(), "RS256")),
-		"crit header":            jwtToken(map[string]any{"alg": "RS256", "kid": "k1", "b64": false, "crit": []string{"b64"}}, claims, withKey(attacker.priv, "RS256")),
-		"signature of other key": jwtToken(map[string]any{"alg": "RS256", "kid": "k1"}, claims, withKey(attacker.priv, "RS256")),
+		"embedded jwk":           secJWT(map[string]any{"alg": "RS256", "kid": "k1", "jwk": attacker.jwk()}, claims, withKey(attacker.priv, "RS256")),
+		"jku to canary":          secJWT(map[string]any{"alg": "RS256", "kid": "k1", "jku": canary}, claims, withKey(attacker.priv, "RS256")),
+		"x5u to canary":          secJWT(map[string]any{"alg": "RS256", "kid": "k1", "x5u": canary}, claims, withKey(attacker.priv, "RS256")),
+		"kid as number":          secJWT(map[string]any{"alg": "RS256", "kid": 1}, claims, withKey(rsaKeyA(), "RS256")),
+		"crit header":            secJWT(map[string]any{"alg": "RS256", "kid": "k1", "b64": false, "crit": []string{"b64"}}, claims, withKey(attacker.priv, "RS256")),
+		"signature of other key": secJWT(map[string]any{"alg": "RS256", "kid": "k1"}, claims, withKey(attacker.priv, "RS256")),
 	}
 	for name, tok := range cases {
 		e.secret("ID token", tok)
@@ -134,7 +134,7 @@ func (e *secEnv) jwtAlgorithmConfusion(t *testing.T) {
 	}
 	// Control: the provider's own token passes, the same claims re-signed
 	// by its key with the right alg.
-	good := e.secret("ID token", jwtToken(map[string]any{"alg": "RS256", "kid": "k1", "typ": "JWT"}, claims, withKey(rsaKeyA(), "RS256")))
+	good := e.secret("ID token", secJWT(map[string]any{"alg": "RS256", "kid": "k1", "typ": "JWT"}, claims, withKey(rsaKeyA(), "RS256")))
 	if st, m := login(t, e.a, good); st != 200 {
 		t.Fatalf("genuine token: %d %v", st, m)
 	} else {
@@ -145,7 +145,7 @@ func (e *secEnv) jwtAlgorithmConfusion(t *testing.T) {
 	}
 }
 
-var sseLine = regexp.MustCompile(`^(id: [0-9]+|event: (message|ping|playbook/result|playbook/progress|error)|data: .*|retry: 3000|:.*)$`)
+var secSSELine = regexp.MustCompile(`^(id: [0-9]+|event: (message|ping|playbook/result|playbook/progress|error)|data: .*|retry: 3000|:.*)$`)
 
 // sseFieldInjection guards SSE field injection (CWE-93 / CWE-74; cf.
 // newline injection advisories in SSE and log libraries): a worker callback
@@ -155,12 +155,12 @@ var sseLine = regexp.MustCompile(`^(id: [0-9]+|event: (message|ping|playbook/res
 // land on the other.
 func (e *secEnv) sseFieldInjection(t *testing.T) {
 	tok := e.session(secUser)
-	client := "sec-sse-" + randHex(4)
+	client := "sec-sse-" + secRandHex(4)
 	// The token in the query, as EventSource sends it: the request log
 	// must not keep it (checked at the end of the suite).
-	stream := openRawSSE(t, e.a.URL+"/events?client_id="+client+"&session_token="+tok, "")
+	stream := secOpenRawSSE(t, e.a.URL+"/events?client_id="+client+"&session_token="+tok, "")
 	for _, q := range []string{"client_id=a%0Aevent:%20x", "client_id=a%0D", "last_event_id=1%0Aevent:%20x", "last_event_id=1%0D%0Aid:%202"} {
-		if resp, m := do(t, "GET", e.a.URL+"/events?"+q, nil, "Authorization", "Bearer "+tok); resp.StatusCode != 400 || m["error"] == nil {
+		if resp, m := secDo(t, "GET", e.a.URL+"/events?"+q, nil, "Authorization", "Bearer "+tok); resp.StatusCode != 400 || m["error"] == nil {
 			t.Errorf("/events?%s: %d %v", q, resp.StatusCode, m)
 		}
 	}
@@ -197,7 +197,7 @@ func (e *secEnv) sseFieldInjection(t *testing.T) {
 	var frames int
 	for _, frame := range strings.Split(strings.TrimSuffix(raw, "\n\n"), "\n\n") {
 		for _, line := range strings.Split(frame, "\n") {
-			if !sseLine.MatchString(line) {
+			if !secSSELine.MatchString(line) {
 				t.Errorf("line %q creates a field", line)
 			}
 			if d, ok := strings.CutPrefix(line, "data: "); ok {
@@ -226,7 +226,7 @@ func (e *secEnv) sseFieldInjection(t *testing.T) {
 func (e *secEnv) internalRoutesGuard(t *testing.T) {
 	routes := []string{"/api/internal/callback", "/api/internal/callback/async", "/api/internal/progress"}
 	body := `{"request_id":"sec-guard-1","status":"success","data":{}}`
-	wrong := e.secret("wrong callback token", "cb"+randHex(16))
+	wrong := e.secret("wrong callback token", "cb"+secRandHex(16))
 	for _, route := range routes {
 		for _, pairs := range [][]string{
 			nil,
@@ -239,20 +239,20 @@ func (e *secEnv) internalRoutesGuard(t *testing.T) {
 			{"Authorization", "Bearer " + wrong, "Authorization", "Bearer " + e.cbToken},
 			{"X-Callback-Token", "", "Authorization", "Bearer " + wrong},
 		} {
-			resp, m := do(t, "POST", e.a.URL+route, strings.NewReader(body), pairs...)
+			resp, m := secDo(t, "POST", e.a.URL+route, strings.NewReader(body), pairs...)
 			if resp.StatusCode != 401 || m["error"] != "callback token required" {
 				t.Errorf("%s with %q: %d %v", route, pairs, resp.StatusCode, m)
 			}
 		}
-		if resp, _ := do(t, "POST", e.a.URL+route+"?callback_token="+e.cbToken, strings.NewReader(body)); resp.StatusCode != 401 {
+		if resp, _ := secDo(t, "POST", e.a.URL+route+"?callback_token="+e.cbToken, strings.NewReader(body)); resp.StatusCode != 401 {
 			t.Errorf("%s with the token in the query: %d", route, resp.StatusCode)
 		}
 		// The right token passes the guard (the body is then judged).
-		if resp, _ := do(t, "POST", e.a.URL+route, strings.NewReader(body), "X-Callback-Token", e.cbToken); resp.StatusCode == 401 || resp.StatusCode == 403 {
+		if resp, _ := secDo(t, "POST", e.a.URL+route, strings.NewReader(body), "X-Callback-Token", e.cbToken); resp.StatusCode == 401 || resp.StatusCode == 403 {
 			t.Errorf("%s with the token: %d", route, resp.StatusCode)
 		}
 		// Replica B serves them on its internal listener only.
-		if resp, _ := do(t, "POST", e.b.URL+route, strings.NewReader(body)); resp.StatusCode != 404 {
+		if resp, _ := secDo(t, "POST", e.b.URL+route, strings.NewReader(body)); resp.StatusCode != 404 {
 			t.Errorf("%s on B's public listener: %d", route, resp.StatusCode)
 		}
 	}
@@ -335,7 +335,7 @@ func (e *secEnv) accessDecisionCacheKey(t *testing.T) {
 		tok  string
 		want int
 	}{{s1, 200}, {denied, 403}} {
-		if resp, m := do(t, "POST", e.a.URL+"/noetl/execute", strings.NewReader(`{"path":"ok/cache-a"}`), "Authorization", "Bearer "+tc.tok); resp.StatusCode != tc.want {
+		if resp, m := secDo(t, "POST", e.a.URL+"/noetl/execute", strings.NewReader(`{"path":"ok/cache-a"}`), "Authorization", "Bearer "+tc.tok); resp.StatusCode != tc.want {
 			t.Errorf("execute: %d %v", resp.StatusCode, m)
 		}
 	}
@@ -347,14 +347,14 @@ func (e *secEnv) accessDecisionCacheKey(t *testing.T) {
 	if st, _ := ask(e.b, s1, "ok/cache-a", "execute"); st != 200 {
 		t.Fatalf("B before logout: %d", st)
 	}
-	if resp, m := do(t, "POST", e.a.URL+"/api/auth/logout", nil, "Authorization", "Bearer "+s1); resp.StatusCode != 200 {
+	if resp, m := secDo(t, "POST", e.a.URL+"/api/auth/logout", nil, "Authorization", "Bearer "+s1); resp.StatusCode != 200 {
 		t.Fatalf("logout: %d %v", resp.StatusCode, m)
 	}
 	waitFor(t, 5*time.Second, "logout on B", func() bool {
 		st, _ := ask(e.b, s1, "ok/cache-a", "execute")
 		return st == 401
 	})
-	if resp, _ := do(t, "POST", e.b.URL+"/noetl/execute", strings.NewReader(`{"path":"ok/cache-a"}`), "Authorization", "Bearer "+s1); resp.StatusCode != 401 {
+	if resp, _ := secDo(t, "POST", e.b.URL+"/noetl/execute", strings.NewReader(`{"path":"ok/cache-a"}`), "Authorization", "Bearer "+s1); resp.StatusCode != 401 {
 		t.Errorf("execute on B after logout: %d", resp.StatusCode)
 	}
 }

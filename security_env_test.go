@@ -29,8 +29,8 @@ import (
 // fake. Every secret the suite uses is registered, so that at the end the
 // logs of every gateway can be searched for it.
 
-// execCall is one request NoETL would serve as its execute endpoint.
-type execCall struct {
+// secExecCall is one request NoETL would serve as its execute endpoint.
+type secExecCall struct {
 	Path, Playbook, Token string
 }
 
@@ -48,12 +48,12 @@ type secEnv struct {
 	mu       sync.Mutex
 	secrets  map[string]string // value → what it is
 	proxied  []seen
-	executes []execCall
+	executes []secExecCall
 	checks   map[accessKey]int
 	logins   []map[string]any
 }
 
-func randHex(n int) string {
+func secRandHex(n int) string {
 	b := make([]byte, n)
 	rand.Read(b)
 	return hex.EncodeToString(b)
@@ -70,7 +70,7 @@ func (e *secEnv) secret(kind, v string) string {
 // session makes a fresh valid session for u and returns its token. NoETL
 // denies every access check of a token whose prefix contains "deny".
 func (e *secEnv) session(u User, prefix ...string) string {
-	tok := e.secret("session token", strings.Join(prefix, "")+"st"+randHex(20))
+	tok := e.secret("session token", strings.Join(prefix, "")+"st"+secRandHex(20))
 	e.noetl.addSession(tok, u, time.Now().Add(time.Hour))
 	return tok
 }
@@ -88,10 +88,10 @@ func (e *secEnv) proxiedFor(token string) []seen {
 	return out
 }
 
-func (e *secEnv) executesOf(playbook string) []execCall {
+func (e *secEnv) executesOf(playbook string) []secExecCall {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	var out []execCall
+	var out []secExecCall
 	for _, x := range e.executes {
 		if x.Playbook == playbook {
 			out = append(out, x)
@@ -130,10 +130,10 @@ func (e *secEnv) lastLogin() map[string]any {
 // secUser is the identity of the suite's sessions.
 var secUser = User{UserID: 1001, Email: "mallory@example.com", DisplayName: "Mallory", Roles: []string{"user"}}
 
-// accessAllowed is NoETL's access policy in the suite: playbooks under ok/
+// secAccessAllowed is NoETL's access policy in the suite: playbooks under ok/
 // may be executed and viewed, never modified; everything else is denied, and
 // so is everything for a denied session.
-func accessAllowed(path, action string, denied bool) bool {
+func secAccessAllowed(path, action string, denied bool) bool {
 	return !denied && strings.HasPrefix(path, "ok/") && action != "modify"
 }
 
@@ -149,14 +149,14 @@ func startSecEnv(t *testing.T) *secEnv {
 	e.noetl = startNoETL(t)
 	e.noetlHandlers()
 
-	natsPassword := e.secret("NATS password", "np"+randHex(16))
+	natsPassword := e.secret("NATS password", "np"+secRandHex(16))
 	ns := &natsServer{t: t, opts: &server.Options{Host: "127.0.0.1", Port: -1, JetStream: true, StoreDir: t.TempDir(),
 		NoLog: true, NoSigs: true, Username: "gateway", Password: natsPassword}}
 	ns.start()
 	ns.opts.Port = ns.srv.Addr().(*net.TCPAddr).Port
 	t.Cleanup(ns.stop)
 
-	e.cbToken = e.secret("CALLBACK_TOKEN", "cb"+randHex(16))
+	e.cbToken = e.secret("CALLBACK_TOKEN", "cb"+secRandHex(16))
 	common := map[string]string{
 		"OIDC_ISSUER": e.idp.issuer(), "AUTH0_CLIENT_ID": "client-1", "NOETL_BASE_URL": e.noetl.URL, "AUTH_MODE": "sync",
 		"JWT_ALGORITHMS": "RS256,PS256,ES256", "JWKS_MIN_REFRESH_SECS": "3600", "MAX_BODY_BYTES": fmt.Sprint(secBodyLimit),
@@ -215,7 +215,7 @@ func (e *secEnv) noetlHandlers() {
 		e.mu.Unlock()
 		denied := strings.Contains(in["session_token"], "deny")
 		w.Header().Set("Content-Type", "application/json")
-		fmt.Fprintf(w, `{"allowed":%v,"user":null,"message":""}`, accessAllowed(in["playbook_path"], in["action"], denied))
+		fmt.Fprintf(w, `{"allowed":%v,"user":null,"message":""}`, secAccessAllowed(in["playbook_path"], in["action"], denied))
 	})
 	f.Handle("/api/", func(w http.ResponseWriter, r *http.Request) {
 		body, _ := io.ReadAll(r.Body)
@@ -241,7 +241,7 @@ func (e *secEnv) noetlHandlers() {
 			}
 			json.Unmarshal(body, &in)
 			e.mu.Lock()
-			e.executes = append(e.executes, execCall{Path: r.URL.Path, Playbook: in.Path, Token: r.Header.Get("X-Session-Token")})
+			e.executes = append(e.executes, secExecCall{Path: r.URL.Path, Playbook: in.Path, Token: r.Header.Get("X-Session-Token")})
 			e.mu.Unlock()
 			io.WriteString(w, `{"execution_id":"7100000000000000001","status":"started","commands_generated":1}`)
 			return
@@ -250,9 +250,9 @@ func (e *secEnv) noetlHandlers() {
 	})
 }
 
-// rawHTTP writes one request exactly as given (no client-side cleaning,
+// secRawHTTP writes one request exactly as given (no client-side cleaning,
 // canonicalisation or escaping) and reads the response.
-func rawHTTP(t *testing.T, base, request string) (int, http.Header, []byte) {
+func secRawHTTP(t *testing.T, base, request string) (int, http.Header, []byte) {
 	t.Helper()
 	conn, err := net.Dial("tcp", strings.TrimPrefix(base, "http://"))
 	if err != nil {
@@ -272,9 +272,9 @@ func rawHTTP(t *testing.T, base, request string) (int, http.Header, []byte) {
 	return resp.StatusCode, resp.Header, b
 }
 
-// do sends a request with headers given as (name, value) pairs, names
+// secDo sends a request with headers given as (name, value) pairs, names
 // written exactly as given and repeated names sent as separate lines.
-func do(t *testing.T, method, url string, body io.Reader, pairs ...string) (*http.Response, map[string]any) {
+func secDo(t *testing.T, method, url string, body io.Reader, pairs ...string) (*http.Response, map[string]any) {
 	t.Helper()
 	req, err := http.NewRequest(method, url, body)
 	if err != nil {
@@ -297,14 +297,14 @@ func do(t *testing.T, method, url string, body io.Reader, pairs ...string) (*htt
 	return resp, m
 }
 
-// rawStream records the bytes of an SSE response exactly as they arrive.
-type rawStream struct {
+// secRawStream records the bytes of an SSE response exactly as they arrive.
+type secRawStream struct {
 	buf    syncBuffer
 	cancel context.CancelFunc
 	done   chan struct{}
 }
 
-func openRawSSE(t *testing.T, url, token string) *rawStream {
+func secOpenRawSSE(t *testing.T, url, token string) *secRawStream {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	req, _ := http.NewRequestWithContext(ctx, "GET", url, nil)
@@ -321,7 +321,7 @@ func openRawSSE(t *testing.T, url, token string) *rawStream {
 		cancel()
 		t.Fatalf("GET %s: %d", url, resp.StatusCode)
 	}
-	s := &rawStream{cancel: cancel, done: make(chan struct{})}
+	s := &secRawStream{cancel: cancel, done: make(chan struct{})}
 	go func() {
 		defer close(s.done)
 		io.Copy(&s.buf, resp.Body)

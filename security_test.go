@@ -79,7 +79,7 @@ func (e *secEnv) identityHeaderSpoofing(t *testing.T) {
 		}
 		pairs = append(pairs, name, v, name, v+"-again") // every spelling twice
 	}
-	resp, _ := do(t, "GET", e.a.URL+"/noetl/spoof/whoami", nil, pairs...)
+	resp, _ := secDo(t, "GET", e.a.URL+"/noetl/spoof/whoami", nil, pairs...)
 	if resp.StatusCode != 200 {
 		t.Fatalf("status %d", resp.StatusCode)
 	}
@@ -124,12 +124,12 @@ func (e *secEnv) identityHeaderSpoofing(t *testing.T) {
 func (e *secEnv) hopByHopStripping(t *testing.T) {
 	tok := e.session(secUser)
 	owned := "X-User-Id, X-User-Email, X-User-Roles, X-Session-Token, X-Request-Id, X-Forwarded-For, X-Forwarded-Host, X-Forwarded-Proto"
-	resp, _ := do(t, "GET", e.a.URL+"/noetl/hop/a", nil, "Authorization", "Bearer "+tok,
+	resp, _ := secDo(t, "GET", e.a.URL+"/noetl/hop/a", nil, "Authorization", "Bearer "+tok,
 		"Connection", owned, "Connection", "keep-alive, x-user-id", "Keep-Alive", "timeout=5", "X-Request-Id", "client-chosen-id")
 	if resp.StatusCode != 200 {
 		t.Fatalf("status %d", resp.StatusCode)
 	}
-	status, _, body := rawHTTP(t, e.a.URL, "GET /noetl/hop/h2c HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer "+tok+
+	status, _, body := secRawHTTP(t, e.a.URL, "GET /noetl/hop/h2c HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer "+tok+
 		"\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n")
 	if status != 200 {
 		t.Fatalf("h2c request: %d %s", status, body)
@@ -147,7 +147,7 @@ func (e *secEnv) hopByHopStripping(t *testing.T) {
 		"Content-Length: 4\r\nContent-Length: 60",
 		"Content-Length: +4",
 	} {
-		rawHTTP(t, e.a.URL, "POST /noetl/hop/smuggle HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer "+tok+"\r\nContent-Type: application/json\r\n"+framing+
+		secRawHTTP(t, e.a.URL, "POST /noetl/hop/smuggle HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer "+tok+"\r\nContent-Type: application/json\r\n"+framing+
 			"\r\n\r\n0\r\n\r\nPOST /api/hop-smuggled HTTP/1.1\r\nHost: noetl\r\nContent-Length: 2\r\n\r\n{}")
 	}
 	var got []seen
@@ -190,7 +190,7 @@ func (e *secEnv) pathNormalisationAuthz(t *testing.T) {
 	const denied = "secret/pn-payroll"
 	body := `{"path":"` + denied + `","payload":{}}`
 	post := func(method, target string) (int, []byte) {
-		st, _, b := rawHTTP(t, e.a.URL, fmt.Sprintf("%s %s HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s",
+		st, _, b := secRawHTTP(t, e.a.URL, fmt.Sprintf("%s %s HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s",
 			method, target, tok, len(body), body))
 		return st, b
 	}
@@ -222,7 +222,7 @@ func (e *secEnv) pathNormalisationAuthz(t *testing.T) {
 		if strings.Contains(strings.ToLower(name), "url") {
 			value = "/api/execute"
 		}
-		do(t, "GET", e.a.URL+"/noetl/pn-override", strings.NewReader(body), "Authorization", "Bearer "+tok, name, value)
+		secDo(t, "GET", e.a.URL+"/noetl/pn-override", strings.NewReader(body), "Authorization", "Bearer "+tok, name, value)
 	}
 	for _, s := range e.proxiedFor(tok) {
 		for name := range s.Header {
@@ -275,7 +275,7 @@ func (e *secEnv) forwardedTrust(t *testing.T) {
 	loginIP := func(g *gateway, pairs ...string) any {
 		t.Helper()
 		body, _ := json.Marshal(map[string]any{"auth0_token": idToken})
-		resp, m := do(t, "POST", g.URL+"/api/auth/login", bytes.NewReader(body), pairs...)
+		resp, m := secDo(t, "POST", g.URL+"/api/auth/login", bytes.NewReader(body), pairs...)
 		if resp.StatusCode != 200 {
 			t.Fatalf("login: %d %v", resp.StatusCode, m)
 		}
@@ -302,9 +302,9 @@ func (e *secEnv) forwardedTrust(t *testing.T) {
 		}
 	}
 	tok := e.session(secUser)
-	do(t, "GET", e.a.URL+"/noetl/xff", nil, append([]string{"Authorization", "Bearer " + tok, "X-Forwarded-Host", "evil.example", "X-Forwarded-Proto", "https"}, spoof...)...)
+	secDo(t, "GET", e.a.URL+"/noetl/xff", nil, append([]string{"Authorization", "Bearer " + tok, "X-Forwarded-Host", "evil.example", "X-Forwarded-Proto", "https"}, spoof...)...)
 	tokB := e.session(secUser)
-	do(t, "GET", e.b.URL+"/noetl/xff", nil, "Authorization", "Bearer "+tokB, "X-Forwarded-For", "198.51.100.1, 203.0.113.9", "X-Forwarded-Proto", "https")
+	secDo(t, "GET", e.b.URL+"/noetl/xff", nil, "Authorization", "Bearer "+tokB, "X-Forwarded-For", "198.51.100.1, 203.0.113.9", "X-Forwarded-Proto", "https")
 	a, b := e.proxiedFor(tok), e.proxiedFor(tokB)
 	if len(a) != 1 || len(b) != 1 {
 		t.Fatalf("NoETL got %d and %d requests", len(a), len(b))
@@ -325,7 +325,7 @@ func (e *secEnv) forwardedTrust(t *testing.T) {
 // on every authenticated route, and never fall back to another source.
 func (e *secEnv) duplicateAuthorization(t *testing.T) {
 	s1, s2 := e.session(secUser), e.session(secUser)
-	cookie := e.secret("cookie value", "ck"+randHex(16))
+	cookie := e.secret("cookie value", "ck"+secRandHex(16))
 	dup := []string{"Authorization", "Bearer " + s1, "Authorization", "Bearer " + s2, "X-Session-Token", s1, "Cookie", "session_token=" + s1 + "; csrftoken=" + cookie}
 	for _, tc := range []struct{ method, path, body string }{
 		{"GET", "/noetl/dup", ""},
@@ -339,11 +339,11 @@ func (e *secEnv) duplicateAuthorization(t *testing.T) {
 		if tc.body != "" {
 			body = strings.NewReader(tc.body)
 		}
-		if resp, m := do(t, tc.method, e.a.URL+tc.path, body, dup...); resp.StatusCode != 401 || m["error"] == nil {
+		if resp, m := secDo(t, tc.method, e.a.URL+tc.path, body, dup...); resp.StatusCode != 401 || m["error"] == nil {
 			t.Errorf("%s %s: %d %v", tc.method, tc.path, resp.StatusCode, m)
 		}
 	}
-	if resp, _ := do(t, "GET", e.a.URL+"/noetl/dup", nil, "Authorization", "Bearer "+s1+", Bearer "+s2); resp.StatusCode != 401 {
+	if resp, _ := secDo(t, "GET", e.a.URL+"/noetl/dup", nil, "Authorization", "Bearer "+s1+", Bearer "+s2); resp.StatusCode != 401 {
 		t.Errorf("comma-joined Authorization: %d", resp.StatusCode)
 	}
 	if len(e.proxiedFor(s1))+len(e.proxiedFor(s2)) != 0 {
@@ -356,7 +356,7 @@ func (e *secEnv) duplicateAuthorization(t *testing.T) {
 		}
 	}
 	// One header is fine, and the cookie never reaches NoETL.
-	if resp, _ := do(t, "GET", e.a.URL+"/noetl/dup", nil, "Authorization", "Bearer "+s1, "Cookie", "csrftoken="+cookie); resp.StatusCode != 200 {
+	if resp, _ := secDo(t, "GET", e.a.URL+"/noetl/dup", nil, "Authorization", "Bearer "+s1, "Cookie", "csrftoken="+cookie); resp.StatusCode != 200 {
 		t.Errorf("single Authorization: %d", resp.StatusCode)
 	}
 	if got := e.proxiedFor(s1); len(got) != 1 || got[0].Header.Get("Cookie") != "" || got[0].Header.Get("Authorization") != "" {
@@ -364,8 +364,8 @@ func (e *secEnv) duplicateAuthorization(t *testing.T) {
 	}
 }
 
-// streamed hides a reader's length so the client sends it chunked.
-type streamed struct{ io.Reader }
+// secStreamed hides a reader's length so the client sends it chunked.
+type secStreamed struct{ io.Reader }
 
 // oversizedHeadersAndBodies guards resource exhaustion through request size
 // (CWE-400 / CWE-770; cf. the unbounded body and header advisories of
@@ -378,7 +378,7 @@ func (e *secEnv) oversizedHeadersAndBodies(t *testing.T) {
 		{"X-Pad", strings.Repeat("a", 80<<10)},
 		{"Cookie", "session_token=" + tok + "; pad=" + strings.Repeat("b", 80<<10)},
 	} {
-		resp, _ := do(t, "GET", e.a.URL+"/noetl/oversized", nil, append([]string{"Authorization", "Bearer " + tok}, pairs...)...)
+		resp, _ := secDo(t, "GET", e.a.URL+"/noetl/oversized", nil, append([]string{"Authorization", "Bearer " + tok}, pairs...)...)
 		if resp.StatusCode != http.StatusRequestHeaderFieldsTooLarge {
 			t.Errorf("%s of 80 KiB: %d", pairs[0], resp.StatusCode)
 		}
@@ -397,9 +397,9 @@ func (e *secEnv) oversizedHeadersAndBodies(t *testing.T) {
 		for _, mode := range []string{"declared", "streamed"} {
 			var body io.Reader = strings.NewReader(big)
 			if mode == "streamed" {
-				body = streamed{body}
+				body = secStreamed{body}
 			}
-			resp, m := do(t, "POST", e.a.URL+tc.path, body, tc.pairs...)
+			resp, m := secDo(t, "POST", e.a.URL+tc.path, body, tc.pairs...)
 			if resp.StatusCode != http.StatusRequestEntityTooLarge || m["error"] != "request body too large" ||
 				!strings.HasPrefix(resp.Header.Get("Content-Type"), "application/json") {
 				t.Errorf("%s %s: %d %v", mode, tc.path, resp.StatusCode, m)
@@ -443,11 +443,11 @@ func (e *secEnv) corsWildcardCredentials(t *testing.T) {
 				want, cred = origin, true
 			}
 			check(g, "proxied GET", origin, want, cred, func() *http.Response {
-				resp, _ := do(t, "GET", g.URL+"/noetl/cors", nil, "Authorization", "Bearer "+tok, "Origin", origin)
+				resp, _ := secDo(t, "GET", g.URL+"/noetl/cors", nil, "Authorization", "Bearer "+tok, "Origin", origin)
 				return resp
 			})
 			check(g, "preflight", origin, want, cred, func() *http.Response {
-				resp, _ := do(t, "OPTIONS", g.URL+"/api/auth/logout", nil, "Origin", origin, "Access-Control-Request-Method", "POST", "Access-Control-Request-Headers", "authorization")
+				resp, _ := secDo(t, "OPTIONS", g.URL+"/api/auth/logout", nil, "Origin", origin, "Access-Control-Request-Method", "POST", "Access-Control-Request-Headers", "authorization")
 				if want == "" && resp.Header.Get("Access-Control-Allow-Methods") != "" {
 					t.Errorf("disallowed preflight got Allow-Methods")
 				}
@@ -455,7 +455,7 @@ func (e *secEnv) corsWildcardCredentials(t *testing.T) {
 			})
 		}
 	}
-	resp, _ := do(t, "POST", e.a.URL+"/api/auth/logout", nil, "Cookie", "session_token="+tok, "Origin", "http://evil.com", "Sec-Fetch-Site", "cross-site")
+	resp, _ := secDo(t, "POST", e.a.URL+"/api/auth/logout", nil, "Cookie", "session_token="+tok, "Origin", "http://evil.com", "Sec-Fetch-Site", "cross-site")
 	if resp.StatusCode != http.StatusForbidden {
 		t.Errorf("cross-origin logout: %d", resp.StatusCode)
 	}
@@ -490,12 +490,12 @@ func (e *secEnv) ssrfProxyRequest(t *testing.T) {
 		}
 	}
 	// A dying upstream: the error is logged without the URL's query.
-	leak := e.secret("session token in a query", "st"+randHex(20))
+	leak := e.secret("session token in a query", "st"+secRandHex(20))
 	postGQL(t, e.a.URL, tok, q, map[string]any{"m": "GET", "e": "/api/drop?session_token=" + leak})
 	for _, target := range []string{"http://" + ch + "/noetl/ssrf", "http://" + ch + "@gw/noetl/ssrf"} {
-		rawHTTP(t, e.a.URL, "GET "+target+" HTTP/1.1\r\nHost: "+ch+"\r\nAuthorization: Bearer "+tok+"\r\nConnection: close\r\n\r\n")
+		secRawHTTP(t, e.a.URL, "GET "+target+" HTTP/1.1\r\nHost: "+ch+"\r\nAuthorization: Bearer "+tok+"\r\nConnection: close\r\n\r\n")
 	}
-	do(t, "GET", e.a.URL+"/noetl/ssrf", nil, "Authorization", "Bearer "+tok, "Host", ch)
+	secDo(t, "GET", e.a.URL+"/noetl/ssrf", nil, "Authorization", "Bearer "+tok, "Host", ch)
 	login(t, e.a, e.secret("ID token", sign(t, keyA(), e.idp.claims(map[string]any{"iss": "https://" + ch + "/"}))))
 	if n := e.canaryHits.Load(); n != 0 {
 		t.Fatalf("%d requests reached a host other than NoETL", n)
@@ -512,7 +512,7 @@ func (e *secEnv) ssrfProxyRequest(t *testing.T) {
 	}
 }
 
-var internalText = regexp.MustCompile(`main\.|\*[a-z]|json: |invalid character|unexpected EOF|reflect|runtime|goroutine|dial tcp|connection refused|127\.0\.0\.1|http: |nats: `)
+var secInternalText = regexp.MustCompile(`main\.|\*[a-z]|json: |invalid character|unexpected EOF|reflect|runtime|goroutine|dial tcp|connection refused|127\.0\.0\.1|http: |nats: `)
 
 // errorsExposeNoInternals guards information exposure through error
 // messages (CWE-209; cf. gateways that echoed upstream bodies and Go error
@@ -536,19 +536,19 @@ func (e *secEnv) errorsExposeNoInternals(t *testing.T) {
 			`{"query":1,"variables":"x"}`, `{"request_id":"r","execution_id":{},"error":""}`, `{"request_id":"r","error":{"code":"x","message":1}}`,
 			`{"path":{"$gt":""}}`, "{\"a\":\"\xff\"}", `{"a":1}{"b":2}`, strings.Repeat(`[`, 100000),
 		} {
-			resp, m := do(t, "POST", e.a.URL+tc.path, strings.NewReader(body), tc.pairs...)
+			resp, m := secDo(t, "POST", e.a.URL+tc.path, strings.NewReader(body), tc.pairs...)
 			msg := fmt.Sprint(m["error"])
-			if m == nil || resp.StatusCode >= 500 || internalText.MatchString(msg) {
+			if m == nil || resp.StatusCode >= 500 || secInternalText.MatchString(msg) {
 				t.Errorf("%s %.40q: %d %v", tc.path, body, resp.StatusCode, m)
 			}
 		}
 	}
 	const q = `mutation($e: String!) { proxyRequest(input: {method: "GET", endpoint: $e}) { success error } }`
 	res := postGQL(t, e.a.URL, tok, q, map[string]any{"e": "/api/drop"})
-	if raw, _ := json.Marshal(res); internalText.MatchString(string(raw)) {
+	if raw, _ := json.Marshal(res); secInternalText.MatchString(string(raw)) {
 		t.Errorf("proxyRequest to a dying upstream: %s", raw)
 	}
-	if resp, m := do(t, "GET", e.a.URL+"/noetl/drop", nil, auth...); resp.StatusCode != 502 || m["error"] != "upstream unavailable" {
+	if resp, m := secDo(t, "GET", e.a.URL+"/noetl/drop", nil, auth...); resp.StatusCode != 502 || m["error"] != "upstream unavailable" {
 		t.Errorf("proxy to a dying upstream: %d %v", resp.StatusCode, m)
 	}
 }
