@@ -107,24 +107,18 @@ func (e *secEnv) checkCount(token, path, action string) int {
 }
 
 // loginSent reports whether NoETL was asked to log in with idToken.
-func (e *secEnv) loginSent(idToken string) bool {
+func (e *secEnv) loginSent(idToken string) bool { return e.loginPayload(idToken) != nil }
+
+// loginPayload is what NoETL was sent to log idToken in (nil if never).
+func (e *secEnv) loginPayload(idToken string) map[string]any {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	for _, l := range e.logins {
 		if l["auth0_token"] == idToken {
-			return true
+			return l
 		}
 	}
-	return false
-}
-
-func (e *secEnv) lastLogin() map[string]any {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	if len(e.logins) == 0 {
-		return nil
-	}
-	return e.logins[len(e.logins)-1]
+	return nil
 }
 
 // secUser is the identity of the suite's sessions.

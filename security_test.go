@@ -271,16 +271,18 @@ func (e *secEnv) pathNormalisationAuthz(t *testing.T) {
 // TRUSTED_PROXIES peer the right-most hop that is not a trusted proxy is the
 // client, and entries left of it (client-controlled) never are.
 func (e *secEnv) forwardedTrust(t *testing.T) {
-	idToken := e.secret("ID token", sign(t, keyA(), e.idp.claims(map[string]any{"sub": "auth0|xff"})))
+	// Each login has its own ID token, so its payload is found among the
+	// logins other classes make at the same time.
 	loginIP := func(g *gateway, pairs ...string) any {
 		t.Helper()
+		idToken := e.secret("ID token", sign(t, keyA(), e.idp.claims(map[string]any{"sub": "auth0|xff-" + secRandHex(4)})))
 		body, _ := json.Marshal(map[string]any{"auth0_token": idToken})
 		resp, m := secDo(t, "POST", g.URL+"/api/auth/login", bytes.NewReader(body), pairs...)
 		if resp.StatusCode != 200 {
 			t.Fatalf("login: %d %v", resp.StatusCode, m)
 		}
 		e.secret("session token", fmt.Sprint(m["session_token"]))
-		return e.lastLogin()["client_ip"]
+		return e.loginPayload(idToken)["client_ip"]
 	}
 	spoof := []string{"X-Forwarded-For", "203.0.113.9", "X-Real-IP", "203.0.113.10", "Forwarded", "for=203.0.113.11", "X-Client-IP", "203.0.113.12"}
 	if ip := loginIP(e.a, spoof...); ip != "127.0.0.1" {
