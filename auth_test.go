@@ -292,17 +292,15 @@ func login(t testing.TB, g *gateway, idToken string) (int, map[string]any) {
 	return st, body
 }
 
-// TestLoginRefusesForgedTokens: every forged or broken ID token is refused
-// with 401 before NoETL hears of it.
-func TestLoginRefusesForgedTokens(t *testing.T) {
-	t.Parallel()
-	p := startIdP(t, keyA(), testKey{kid: "weak", alg: "RS256", priv: rsaWeak()}, newECKey("e1", elliptic.P256(), "ES256"))
-	f := startNoETL(t)
-	w := startWorker(t, f)
-	w.on(loginPath, loginOK("0123456789abcdef0123456789abcdef", []string{"admin"}))
-	g := startGateway(t, authEnv(p, f, map[string]string{"JWT_ALGORITHMS": "RS256,ES256,EdDSA", "JWKS_MIN_REFRESH_SECS": "3600"}))
-	w.target.Store(g.URL)
+// forgedToken is an ID token login must refuse, with the reason it gives.
+type forgedToken struct {
+	name, token, reason string
+}
 
+// forgedTokenCases are TestLoginRefusesForgedTokens' table for the provider
+// p (keys k1, weak and e1; audience client-1), and seeds of FuzzVerify.
+// good is the genuine token they are forged from.
+func forgedTokenCases(t testing.TB, p *testIdP) (string, []forgedToken) {
 	good := sign(t, keyA(), p.claims(nil))
 	parts := strings.Split(good, ".")
 	pubDER, _ := x509.MarshalPKIXPublicKey(rsaKeyA().Public())
@@ -317,9 +315,7 @@ func TestLoginRefusesForgedTokens(t *testing.T) {
 	sig[10] ^= 0xff
 	now := time.Now()
 
-	cases := []struct {
-		name, token, reason string
-	}{
+	return good, []forgedToken{
 		{"alg none", header(`{"alg":"none","kid":"k1"}`) + "." + parts[1] + ".", "algorithm not allowed"},
 		{"HS256 with the RSA public key", hsToken, "algorithm not allowed"},
 		{"alg swapped to ES256", header(`{"alg":"ES256","kid":"k1","typ":"JWT"}`) + "." + parts[1] + "." + parts[2], "algorithm does not match the key"},
@@ -345,6 +341,20 @@ func TestLoginRefusesForgedTokens(t *testing.T) {
 		{"garbage", "not-a-jwt", "malformed token"},
 		{"oversized", strings.Repeat("a", 20000) + ".b.c", "malformed token"},
 	}
+}
+
+// TestLoginRefusesForgedTokens: every forged or broken ID token is refused
+// with 401 before NoETL hears of it.
+func TestLoginRefusesForgedTokens(t *testing.T) {
+	t.Parallel()
+	p := startIdP(t, keyA(), testKey{kid: "weak", alg: "RS256", priv: rsaWeak()}, newECKey("e1", elliptic.P256(), "ES256"))
+	f := startNoETL(t)
+	w := startWorker(t, f)
+	w.on(loginPath, loginOK("0123456789abcdef0123456789abcdef", []string{"admin"}))
+	g := startGateway(t, authEnv(p, f, map[string]string{"JWT_ALGORITHMS": "RS256,ES256,EdDSA", "JWKS_MIN_REFRESH_SECS": "3600"}))
+	w.target.Store(g.URL)
+
+	good, cases := forgedTokenCases(t, p)
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			st, body := login(t, g, tc.token)

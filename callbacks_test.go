@@ -79,34 +79,41 @@ func TestCallbacksResultAndProgress(t *testing.T) {
 	}
 }
 
+const testCallbackToken = "s3cret-callback-token-for-tests"
+
+var callbackAuth = map[string]string{"Authorization": "Bearer " + testCallbackToken}
+
+// callbackValidationCases are TestCallbackValidation's table, and the seeds
+// of FuzzCallbackBody. Each expects a pending request "req-v".
+var callbackValidationCases = []struct {
+	name, route string
+	body        any
+	headers     map[string]string
+	status      int
+	msg         string
+}{
+	{"no callback token", "/api/internal/callback/async", map[string]any{"request_id": "req-v"}, nil, 401, "callback token required"},
+	{"wrong callback token", "/api/internal/progress", map[string]any{"request_id": "req-v"}, map[string]string{"X-Callback-Token": "nope"}, 401, "callback token required"},
+	{"bad JSON", "/api/internal/callback/async", "{", callbackAuth, 400, "invalid JSON"},
+	{"missing request_id", "/api/internal/callback/async", map[string]any{"status": "COMPLETED"}, callbackAuth, 400, "request_id must be 1-128 characters of [A-Za-z0-9_-]"},
+	{"bad request_id", "/api/internal/progress", map[string]any{"request_id": "../x"}, callbackAuth, 400, "request_id must be 1-128 characters of [A-Za-z0-9_-]"},
+	{"long request_id", "/api/internal/progress", map[string]any{"request_id": strings.Repeat("a", 129)}, callbackAuth, 400, "request_id must be 1-128 characters of [A-Za-z0-9_-]"},
+	{"numeric request_id", "/api/internal/callback/async", map[string]any{"request_id": 5}, callbackAuth, 400, `invalid JSON: field "request_id" must be string`},
+	{"object execution_id", "/api/internal/callback/async", map[string]any{"request_id": "req-v", "execution_id": map[string]any{}}, callbackAuth, 400, "execution_id must be a string or a number"},
+	{"error without message", "/api/internal/callback/async", map[string]any{"request_id": "req-v", "error": map[string]any{"code": 1}}, callbackAuth, 400, "error.message is required"},
+	{"unknown request", "/api/internal/callback/async", map[string]any{"request_id": "req-unknown"}, callbackAuth, 404, "Request not found"},
+	{"unknown request progress", "/api/internal/progress", map[string]any{"request_id": "req-unknown"}, callbackAuth, 404, "Request not found"},
+	{"too large", "/api/internal/callback/async", map[string]any{"request_id": "req-v", "data": strings.Repeat("x", 2<<20)}, callbackAuth, 413, "request body too large"},
+}
+
 func TestCallbackValidation(t *testing.T) {
 	t.Parallel()
 	ns, noetl := startNATS(t), startNoETL(t)
-	g := natsGateway(t, ns, noetl, map[string]string{"CALLBACK_TOKEN": "s3cret-callback-token-for-tests"})
+	g := natsGateway(t, ns, noetl, map[string]string{"CALLBACK_TOKEN": testCallbackToken})
 	kv := requestsKV(t, ns)
 	putRequest(t, kv, "req-v", "client-v", "tok-v", "exec-v")
-	auth := map[string]string{"Authorization": "Bearer s3cret-callback-token-for-tests"}
 
-	for _, tc := range []struct {
-		name, route string
-		body        any
-		headers     map[string]string
-		status      int
-		msg         string
-	}{
-		{"no callback token", "/api/internal/callback/async", map[string]any{"request_id": "req-v"}, nil, 401, "callback token required"},
-		{"wrong callback token", "/api/internal/progress", map[string]any{"request_id": "req-v"}, map[string]string{"X-Callback-Token": "nope"}, 401, "callback token required"},
-		{"bad JSON", "/api/internal/callback/async", "{", auth, 400, "invalid JSON"},
-		{"missing request_id", "/api/internal/callback/async", map[string]any{"status": "COMPLETED"}, auth, 400, "request_id must be 1-128 characters of [A-Za-z0-9_-]"},
-		{"bad request_id", "/api/internal/progress", map[string]any{"request_id": "../x"}, auth, 400, "request_id must be 1-128 characters of [A-Za-z0-9_-]"},
-		{"long request_id", "/api/internal/progress", map[string]any{"request_id": strings.Repeat("a", 129)}, auth, 400, "request_id must be 1-128 characters of [A-Za-z0-9_-]"},
-		{"numeric request_id", "/api/internal/callback/async", map[string]any{"request_id": 5}, auth, 400, `invalid JSON: field "request_id" must be string`},
-		{"object execution_id", "/api/internal/callback/async", map[string]any{"request_id": "req-v", "execution_id": map[string]any{}}, auth, 400, "execution_id must be a string or a number"},
-		{"error without message", "/api/internal/callback/async", map[string]any{"request_id": "req-v", "error": map[string]any{"code": 1}}, auth, 400, "error.message is required"},
-		{"unknown request", "/api/internal/callback/async", map[string]any{"request_id": "req-unknown"}, auth, 404, "Request not found"},
-		{"unknown request progress", "/api/internal/progress", map[string]any{"request_id": "req-unknown"}, auth, 404, "Request not found"},
-		{"too large", "/api/internal/callback/async", map[string]any{"request_id": "req-v", "data": strings.Repeat("x", 2<<20)}, auth, 413, "request body too large"},
-	} {
+	for _, tc := range callbackValidationCases {
 		t.Run(tc.name, func(t *testing.T) {
 			status, _, m := doJSON(t, "POST", g.URL+tc.route, tc.body, tc.headers)
 			if status != tc.status || m["error"] != tc.msg {
@@ -115,7 +122,7 @@ func TestCallbackValidation(t *testing.T) {
 		})
 	}
 	// A valid callback for a client that never connected is kept: 202.
-	status, _, m := doJSON(t, "POST", g.URL+"/api/internal/progress", map[string]any{"request_id": "req-v"}, auth)
+	status, _, m := doJSON(t, "POST", g.URL+"/api/internal/progress", map[string]any{"request_id": "req-v"}, callbackAuth)
 	if status != 202 || m["status"] != "queued" || m["clientDisconnected"] != true {
 		t.Fatalf("queued: %d %v", status, m)
 	}

@@ -10,25 +10,27 @@ import (
 	"time"
 )
 
+// sseEncodeCases are TestSSEEncode's table, and seeds of FuzzSSEEncode.
+var sseEncodeCases = []struct {
+	name, id, event string
+	data            any
+	want            string
+	wantErr         bool
+}{
+	{name: "full", id: "7", event: "playbook/result", data: map[string]any{"a": "x\ny"}, want: "id: 7\nevent: playbook/result\ndata: {\"a\":\"x\\ny\"}\n\n"},
+	{name: "no id", event: "ping", data: pingFrame, want: "event: ping\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"ping\",\"params\":{}}\n\n"},
+	{name: "bytes are base64", event: "m", data: []byte("x"), want: "event: m\ndata: \"eA==\"\n\n"},
+	{name: "multi-line raw message", event: "m", data: json.RawMessage("{\n \"a\": 1\r\n}"), want: "event: m\ndata: {\"a\":1}\n\n"},
+	{name: "LF in id", id: "1\ndata: x", event: "m", data: 1, wantErr: true},
+	{name: "CR in event", event: "m\rid: 9", data: 1, wantErr: true},
+	{name: "NUL in id", id: "1\x00", data: 1, wantErr: true},
+	{name: "invalid raw JSON", event: "m", data: json.RawMessage("{\n"), wantErr: true},
+	{name: "unencodable", event: "m", data: func() {}, wantErr: true},
+}
+
 func TestSSEEncode(t *testing.T) {
 	t.Parallel()
-	tests := []struct {
-		name, id, event string
-		data            any
-		want            string
-		wantErr         bool
-	}{
-		{name: "full", id: "7", event: "playbook/result", data: map[string]any{"a": "x\ny"}, want: "id: 7\nevent: playbook/result\ndata: {\"a\":\"x\\ny\"}\n\n"},
-		{name: "no id", event: "ping", data: pingFrame, want: "event: ping\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"ping\",\"params\":{}}\n\n"},
-		{name: "bytes are base64", event: "m", data: []byte("x"), want: "event: m\ndata: \"eA==\"\n\n"},
-		{name: "multi-line raw message", event: "m", data: json.RawMessage("{\n \"a\": 1\r\n}"), want: "event: m\ndata: {\"a\":1}\n\n"},
-		{name: "LF in id", id: "1\ndata: x", event: "m", data: 1, wantErr: true},
-		{name: "CR in event", event: "m\rid: 9", data: 1, wantErr: true},
-		{name: "NUL in id", id: "1\x00", data: 1, wantErr: true},
-		{name: "invalid raw JSON", event: "m", data: json.RawMessage("{\n"), wantErr: true},
-		{name: "unencodable", event: "m", data: func() {}, wantErr: true},
-	}
-	for _, tt := range tests {
+	for _, tt := range sseEncodeCases {
 		t.Run(tt.name, func(t *testing.T) {
 			var buf bytes.Buffer
 			err := encodeSSE(&buf, tt.id, tt.event, tt.data)
@@ -53,6 +55,14 @@ func FuzzSSEEncode(f *testing.F) {
 	f.Add("1\ndata: x", "m", "")
 	f.Add("", "m\rid: 9", "\x00")
 	f.Add("", "", "\u2028\r\n")
+	for _, tc := range sseEncodeCases {
+		data, ok := tc.data.(string)
+		if !ok {
+			raw, _ := json.Marshal(tc.data)
+			data = string(raw)
+		}
+		f.Add(tc.id, tc.event, data)
+	}
 	f.Fuzz(func(t *testing.T, id, event, data string) {
 		var buf bytes.Buffer
 		err := encodeSSE(&buf, id, event, map[string]string{"v": data})

@@ -77,7 +77,7 @@ func newGatewaySchema(cfg Config, noetl *noetlClient, access *accessChecker, req
 			args: []*gqlInputValue{inputValue("input", "", nonNull(proxyInput), "")},
 			typ:  nonNull(proxyResponse),
 			resolve: func(ec *execCtx, _ any, args map[string]any) (any, error) {
-				return proxyRequest(ec, cfg, upstream, args["input"].(map[string]any)), nil
+				return proxyRequest(ec, cfg, upstream, access, args["input"].(map[string]any)), nil
 			}},
 	}}
 	return newSchema("NoETL Gateway", builtins, query, mutation, jsonScalar, executeResult, proxyResponse, proxyInput)
@@ -185,7 +185,7 @@ func proxyEndpoint(endpoint string) (path, query string, ok bool) {
 	return p, query, true
 }
 
-func proxyRequest(ec *execCtx, cfg Config, client *http.Client, in map[string]any) map[string]any {
+func proxyRequest(ec *execCtx, cfg Config, client *http.Client, access *accessChecker, in map[string]any) map[string]any {
 	fail := func(msg string) map[string]any { return map[string]any{"success": false, "data": nil, "error": msg} }
 	s := sessionFrom(ec.ctx)
 	if s == nil {
@@ -206,12 +206,29 @@ func proxyRequest(ec *execCtx, cfg Config, client *http.Client, in map[string]an
 	u.Path = strings.TrimSuffix(base.Path, "/") + "/api/" + p
 	u.RawPath, u.RawQuery = "", query
 	var body io.Reader
+	var sent []byte
 	if b, present := in["body"]; present && b != nil {
-		raw, err := json.Marshal(b)
-		if err != nil {
+		var err error
+		if sent, err = json.Marshal(b); err != nil {
 			return fail("invalid body")
 		}
-		body = bytes.NewReader(raw)
+		body = bytes.NewReader(sent)
+	}
+	// POST /api/execute starts a playbook: the same access decision as
+	// executePlaybook and POST /noetl/execute, on the bytes that are sent.
+	if cfg.AuthzEnforce && method == http.MethodPost && isExecutePath(p) {
+		path, problem := executeBodyPath(sent)
+		if problem != "" {
+			return fail(problem)
+		}
+		allowed, err := access.Allowed(ec.ctx, s, path, "execute")
+		if err != nil {
+			loggerFrom(ec.r).Error("proxyRequest: access check failed", "playbook", path, "session", tokenID(s.Token), "err", err)
+			return fail("access check unavailable")
+		}
+		if !allowed {
+			return fail("permission denied")
+		}
 	}
 	req, err := http.NewRequestWithContext(ec.ctx, method, u.String(), body)
 	if err != nil {
@@ -232,6 +249,12 @@ func proxyRequest(ec *execCtx, cfg Config, client *http.Client, in map[string]an
 	log := loggerFrom(ec.r)
 	resp, err := client.Do(req)
 	if err != nil {
+		// *url.Error quotes the whole URL, query included, and a query may
+		// carry a token: log the cause only.
+		var ue *url.Error
+		if errors.As(err, &ue) {
+			err = ue.Err
+		}
 		log.Warn("proxyRequest failed", "endpoint", "/api/"+p, "err", err)
 		return fail("upstream unavailable")
 	}

@@ -16,10 +16,14 @@ import (
 // argument coercion, resolvers, value completion with null propagation.
 
 // maxDocumentBytes bounds the query text; maxResolvedFields bounds the work
-// one request may cause (aliases and fragments can multiply fields).
+// one request may cause (aliases and fragments can multiply fields);
+// maxMutationFields bounds the side effects: every mutation field is a
+// NoETL call or a playbook run, and aliases would otherwise turn one HTTP
+// request into a thousand of them, past any per-request rate limit.
 const (
 	maxDocumentBytes  = 64 << 10
 	maxResolvedFields = 100_000
+	maxMutationFields = 10
 )
 
 // publicError is a resolver error whose message is meant for the client.
@@ -176,6 +180,9 @@ func (s *gqlSchema) execute(ctx context.Context, r *http.Request, req gqlRequest
 	fields, cerr := ec.collectFields(root, op.sel)
 	if cerr != nil {
 		return requestError(cerr)
+	}
+	if op.kind == "mutation" && len(fields) > maxMutationFields {
+		return requestError(&gqlError{Message: fmt.Sprintf("Too many mutation fields: %d exceeds the limit of %d.", len(fields), maxMutationFields)})
 	}
 	data, ok := ec.executeFields(root, nil, fields, nil)
 	res := &gqlResult{executed: true, Errors: ec.errs}

@@ -73,35 +73,37 @@ func errorsOf(t *testing.T, res map[string]any) []map[string]any {
 	return out
 }
 
+// graphqlQueryCases are TestGraphQLQueries' table, and seeds of FuzzGraphQLParse.
+var graphqlQueryCases = []struct {
+	name, query, op string
+	vars            map[string]any
+	want            string // JSON of data
+}{
+	{"shorthand", `{ health }`, "", nil, `{"health":"ok"}`},
+	{"typename and version", `query { __typename version }`, "", nil, `{"__typename":"QueryRoot","version":"dev"}`},
+	{"aliases", `{ a: health b: health v: version }`, "", nil, `{"a":"ok","b":"ok","v":"dev"}`},
+	{"named fragment", `query Q { ...F a: health } fragment F on QueryRoot { version __typename }`, "", nil, `{"version":"dev","__typename":"QueryRoot","a":"ok"}`},
+	{"inline fragment", `{ ... on QueryRoot { health } ... { version } }`, "", nil, `{"health":"ok","version":"dev"}`},
+	{"skip literal", `{ health @skip(if: true) version }`, "", nil, `{"version":"dev"}`},
+	{"include literal", `{ health @include(if: false) version @include(if: true) }`, "", nil, `{"version":"dev"}`},
+	{"skip variable", `query ($s: Boolean!) { health @skip(if: $s) version }`, "", map[string]any{"s": false}, `{"health":"ok","version":"dev"}`},
+	{"default variable", `query ($s: Boolean = true) { health @skip(if: $s) version }`, "", nil, `{"version":"dev"}`},
+	{"default overridden", `query ($s: Boolean = true) { health @skip(if: $s) }`, "", map[string]any{"s": false}, `{"health":"ok"}`},
+	{"skip on spread", `{ ...F @skip(if: true) version } fragment F on QueryRoot { health }`, "", nil, `{"version":"dev"}`},
+	{"include on inline", `query ($i: Boolean!) { ... @include(if: $i) { health } }`, "", map[string]any{"i": true}, `{"health":"ok"}`},
+	{"merged fields", `{ health health ... { health } }`, "", nil, `{"health":"ok"}`},
+	{"operation name", `query A { health } query B { version }`, "B", nil, `{"version":"dev"}`},
+	{"nested fragments", `{ ...A } fragment A on QueryRoot { ...B } fragment B on QueryRoot { health }`, "", nil, `{"health":"ok"}`},
+	{"type lookup", `{ __type(name: "ProxyResponse") { name kind fields { name } } }`, "", nil,
+		`{"__type":{"name":"ProxyResponse","kind":"OBJECT","fields":[{"name":"success"},{"name":"data"},{"name":"error"}]}}`},
+	{"unknown type lookup", `{ __type(name: "Nope") { name } }`, "", nil, `{"__type":null}`},
+	{"comments commas and block string", "# c\n{ __type(name: \"\"\"\n   ExecuteResult\n\"\"\"), { name, } }", "", nil, `{"__type":{"name":"ExecuteResult"}}`},
+}
+
 func TestGraphQLQueries(t *testing.T) {
 	t.Parallel()
 	s := testSchema(t)
-	cases := []struct {
-		name, query, op string
-		vars            map[string]any
-		want            string // JSON of data
-	}{
-		{"shorthand", `{ health }`, "", nil, `{"health":"ok"}`},
-		{"typename and version", `query { __typename version }`, "", nil, `{"__typename":"QueryRoot","version":"dev"}`},
-		{"aliases", `{ a: health b: health v: version }`, "", nil, `{"a":"ok","b":"ok","v":"dev"}`},
-		{"named fragment", `query Q { ...F a: health } fragment F on QueryRoot { version __typename }`, "", nil, `{"version":"dev","__typename":"QueryRoot","a":"ok"}`},
-		{"inline fragment", `{ ... on QueryRoot { health } ... { version } }`, "", nil, `{"health":"ok","version":"dev"}`},
-		{"skip literal", `{ health @skip(if: true) version }`, "", nil, `{"version":"dev"}`},
-		{"include literal", `{ health @include(if: false) version @include(if: true) }`, "", nil, `{"version":"dev"}`},
-		{"skip variable", `query ($s: Boolean!) { health @skip(if: $s) version }`, "", map[string]any{"s": false}, `{"health":"ok","version":"dev"}`},
-		{"default variable", `query ($s: Boolean = true) { health @skip(if: $s) version }`, "", nil, `{"version":"dev"}`},
-		{"default overridden", `query ($s: Boolean = true) { health @skip(if: $s) }`, "", map[string]any{"s": false}, `{"health":"ok"}`},
-		{"skip on spread", `{ ...F @skip(if: true) version } fragment F on QueryRoot { health }`, "", nil, `{"version":"dev"}`},
-		{"include on inline", `query ($i: Boolean!) { ... @include(if: $i) { health } }`, "", map[string]any{"i": true}, `{"health":"ok"}`},
-		{"merged fields", `{ health health ... { health } }`, "", nil, `{"health":"ok"}`},
-		{"operation name", `query A { health } query B { version }`, "B", nil, `{"version":"dev"}`},
-		{"nested fragments", `{ ...A } fragment A on QueryRoot { ...B } fragment B on QueryRoot { health }`, "", nil, `{"health":"ok"}`},
-		{"type lookup", `{ __type(name: "ProxyResponse") { name kind fields { name } } }`, "", nil,
-			`{"__type":{"name":"ProxyResponse","kind":"OBJECT","fields":[{"name":"success"},{"name":"data"},{"name":"error"}]}}`},
-		{"unknown type lookup", `{ __type(name: "Nope") { name } }`, "", nil, `{"__type":null}`},
-		{"comments commas and block string", "# c\n{ __type(name: \"\"\"\n   ExecuteResult\n\"\"\"), { name, } }", "", nil, `{"__type":{"name":"ExecuteResult"}}`},
-	}
-	for _, tc := range cases {
+	for _, tc := range graphqlQueryCases {
 		t.Run(tc.name, func(t *testing.T) {
 			// The raw JSON: fields must come in selection order.
 			if got := string(runGQLRaw(t, s, tc.query, tc.vars, tc.op)); got != `{"data":`+tc.want+`}` {
@@ -111,58 +113,60 @@ func TestGraphQLQueries(t *testing.T) {
 	}
 }
 
+// graphqlErrorCases are TestGraphQLErrors' table, and seeds of FuzzGraphQLParse.
+var graphqlErrorCases = []struct {
+	name, query, op string
+	vars            map[string]any
+	msg             string // substring of the first error
+	line, col       int    // its location; 0: none expected
+}{
+	{"syntax", "{\n  health(\n}", "", nil, "Syntax Error", 3, 1},
+	{"unexpected character", "{ health ^ }", "", nil, "Unexpected character", 1, 10},
+	{"unterminated string", `{ __type(name: "abc) { name } }`, "", nil, "Unterminated string", 1, 32},
+	{"empty", "  ", "", nil, "Unexpected <EOF>", 1, 3},
+	{"type system", "type Foo { a: String }", "", nil, "not supported", 1, 1},
+	{"unknown field", "{\n  health\n  nope\n}", "", nil, `Cannot query field "nope" on type "QueryRoot".`, 3, 3},
+	{"unknown nested field", `{ __schema { nope } }`, "", nil, `Cannot query field "nope" on type "__Schema".`, 1, 14},
+	{"leaf with selection", `{ health { x } }`, "", nil, "must not have a selection", 1, 3},
+	{"object without selection", `{ __schema }`, "", nil, "must have a selection of subfields", 1, 3},
+	{"unknown argument", `{ health(x: 1) }`, "", nil, `Unknown argument "x"`, 1, 10},
+	{"wrong argument type", `{ __type(name: 5) { name } }`, "", nil, `Expected value of type "String!", found 5.`, 1, 16},
+	{"missing argument", `{ __type { name } }`, "", nil, `Argument "name" of type "String!" is required`, 1, 3},
+	{"null for non-null", `{ __type(name: null) { name } }`, "", nil, `found null`, 1, 16},
+	{"missing variable", `query Q($n: String!) { __type(name: $n) { name } }`, "", nil, `Variable "$n" of required type "String!" was not provided.`, 1, 9},
+	{"null variable", `query Q($n: String!) { __type(name: $n) { name } }`, "", map[string]any{"n": nil}, `must not be null`, 1, 9},
+	{"wrong variable type", `query Q($n: String!) { __type(name: $n) { name } }`, "", map[string]any{"n": 5}, `Variable "$n" got invalid value 5`, 1, 9},
+	{"wrong variable int", `query Q($b: Boolean!) { health @skip(if: $b) }`, "", map[string]any{"b": "yes"}, `Boolean cannot represent`, 1, 9},
+	{"bad default", `query Q($b: Boolean = "x") { health @skip(if: $b) }`, "", nil, `Expected value of type "Boolean"`, 1, 23},
+	{"undefined variable", `{ health @skip(if: $b) }`, "", nil, `Variable "$b" is not defined`, 1, 20},
+	{"unused variable", `query Q($b: Boolean) { health }`, "", nil, `Variable "$b" is never used in operation "Q".`, 1, 9},
+	{"variable position", `query Q($b: Boolean) { health @skip(if: $b) }`, "", nil, `Variable "$b" of type "Boolean" used in position expecting type "Boolean!".`, 1, 41},
+	{"output type variable", `query Q($b: ExecuteResult) { health }`, "", nil, `cannot be non-input type`, 1, 9},
+	{"unknown variable type", `query Q($b: Nope) { health }`, "", nil, `Unknown type "Nope".`, 1, 13},
+	{"subscription", `subscription S { health }`, "", nil, "Subscriptions are not supported.", 1, 1},
+	{"unknown fragment", `{ ...Nope }`, "", nil, `Unknown fragment "Nope".`, 1, 3},
+	{"unused fragment", `{ health } fragment F on QueryRoot { health }`, "", nil, `Fragment "F" is never used.`, 1, 12},
+	{"fragment cycle", `{ ...A } fragment A on QueryRoot { ...B } fragment B on QueryRoot { ...A }`, "", nil, "within itself", 0, 0},
+	{"fragment wrong type", `{ ...F } fragment F on __Schema { description }`, "", nil, "cannot be spread here", 1, 3},
+	{"fragment on unknown type", `{ ...F } fragment F on Nope { health }`, "", nil, `Unknown type "Nope".`, 1, 10},
+	{"unknown directive", `{ health @nope }`, "", nil, `Unknown directive "@nope".`, 1, 10},
+	{"misplaced directive", `query Q @skip(if: true) { health }`, "", nil, `may not be used on QUERY`, 1, 9},
+	{"directive without if", `{ health @skip }`, "", nil, `Argument "if" of type "Boolean!" is required`, 1, 10},
+	{"conflicting aliases", `{ a: health a: version }`, "", nil, `Fields "a" conflict`, 1, 3},
+	{"two anonymous", `{ health } { version }`, "", nil, "anonymous operation must be the only", 1, 1},
+	{"duplicate operation", `query A { health } query A { version }`, "A", nil, `only one operation named "A"`, 1, 20},
+	{"operation name needed", `query A { health } query B { version }`, "", nil, "Must provide operation name", 0, 0},
+	{"unknown operation", `query A { health }`, "Z", nil, `Unknown operation named "Z".`, 0, 0},
+	{"mutation wrong args", `mutation { executePlaybook(name: 1) { id } }`, "", nil, `Expected value of type "String!", found 1.`, 1, 34},
+	{"input unknown field", `mutation { proxyRequest(input: {method: "GET", endpoint: "/api/x", nope: 1}) { success } }`, "", nil, `Field "nope" is not defined by type "ProxyRequestInput".`, 1, 68},
+	{"input missing field", `mutation { proxyRequest(input: {method: "GET"}) { success } }`, "", nil, `Field "ProxyRequestInput.endpoint" of required type "String!" was not provided.`, 1, 32},
+	{"input variable missing field", `mutation M($i: ProxyRequestInput!) { proxyRequest(input: $i) { success } }`, "", map[string]any{"i": map[string]any{"method": "GET"}}, `of required type "String!" was not provided`, 1, 12},
+}
+
 func TestGraphQLErrors(t *testing.T) {
 	t.Parallel()
 	s := testSchema(t)
-	cases := []struct {
-		name, query, op string
-		vars            map[string]any
-		msg             string // substring of the first error
-		line, col       int    // its location; 0: none expected
-	}{
-		{"syntax", "{\n  health(\n}", "", nil, "Syntax Error", 3, 1},
-		{"unexpected character", "{ health ^ }", "", nil, "Unexpected character", 1, 10},
-		{"unterminated string", `{ __type(name: "abc) { name } }`, "", nil, "Unterminated string", 1, 32},
-		{"empty", "  ", "", nil, "Unexpected <EOF>", 1, 3},
-		{"type system", "type Foo { a: String }", "", nil, "not supported", 1, 1},
-		{"unknown field", "{\n  health\n  nope\n}", "", nil, `Cannot query field "nope" on type "QueryRoot".`, 3, 3},
-		{"unknown nested field", `{ __schema { nope } }`, "", nil, `Cannot query field "nope" on type "__Schema".`, 1, 14},
-		{"leaf with selection", `{ health { x } }`, "", nil, "must not have a selection", 1, 3},
-		{"object without selection", `{ __schema }`, "", nil, "must have a selection of subfields", 1, 3},
-		{"unknown argument", `{ health(x: 1) }`, "", nil, `Unknown argument "x"`, 1, 10},
-		{"wrong argument type", `{ __type(name: 5) { name } }`, "", nil, `Expected value of type "String!", found 5.`, 1, 16},
-		{"missing argument", `{ __type { name } }`, "", nil, `Argument "name" of type "String!" is required`, 1, 3},
-		{"null for non-null", `{ __type(name: null) { name } }`, "", nil, `found null`, 1, 16},
-		{"missing variable", `query Q($n: String!) { __type(name: $n) { name } }`, "", nil, `Variable "$n" of required type "String!" was not provided.`, 1, 9},
-		{"null variable", `query Q($n: String!) { __type(name: $n) { name } }`, "", map[string]any{"n": nil}, `must not be null`, 1, 9},
-		{"wrong variable type", `query Q($n: String!) { __type(name: $n) { name } }`, "", map[string]any{"n": 5}, `Variable "$n" got invalid value 5`, 1, 9},
-		{"wrong variable int", `query Q($b: Boolean!) { health @skip(if: $b) }`, "", map[string]any{"b": "yes"}, `Boolean cannot represent`, 1, 9},
-		{"bad default", `query Q($b: Boolean = "x") { health @skip(if: $b) }`, "", nil, `Expected value of type "Boolean"`, 1, 23},
-		{"undefined variable", `{ health @skip(if: $b) }`, "", nil, `Variable "$b" is not defined`, 1, 20},
-		{"unused variable", `query Q($b: Boolean) { health }`, "", nil, `Variable "$b" is never used in operation "Q".`, 1, 9},
-		{"variable position", `query Q($b: Boolean) { health @skip(if: $b) }`, "", nil, `Variable "$b" of type "Boolean" used in position expecting type "Boolean!".`, 1, 41},
-		{"output type variable", `query Q($b: ExecuteResult) { health }`, "", nil, `cannot be non-input type`, 1, 9},
-		{"unknown variable type", `query Q($b: Nope) { health }`, "", nil, `Unknown type "Nope".`, 1, 13},
-		{"subscription", `subscription S { health }`, "", nil, "Subscriptions are not supported.", 1, 1},
-		{"unknown fragment", `{ ...Nope }`, "", nil, `Unknown fragment "Nope".`, 1, 3},
-		{"unused fragment", `{ health } fragment F on QueryRoot { health }`, "", nil, `Fragment "F" is never used.`, 1, 12},
-		{"fragment cycle", `{ ...A } fragment A on QueryRoot { ...B } fragment B on QueryRoot { ...A }`, "", nil, "within itself", 0, 0},
-		{"fragment wrong type", `{ ...F } fragment F on __Schema { description }`, "", nil, "cannot be spread here", 1, 3},
-		{"fragment on unknown type", `{ ...F } fragment F on Nope { health }`, "", nil, `Unknown type "Nope".`, 1, 10},
-		{"unknown directive", `{ health @nope }`, "", nil, `Unknown directive "@nope".`, 1, 10},
-		{"misplaced directive", `query Q @skip(if: true) { health }`, "", nil, `may not be used on QUERY`, 1, 9},
-		{"directive without if", `{ health @skip }`, "", nil, `Argument "if" of type "Boolean!" is required`, 1, 10},
-		{"conflicting aliases", `{ a: health a: version }`, "", nil, `Fields "a" conflict`, 1, 3},
-		{"two anonymous", `{ health } { version }`, "", nil, "anonymous operation must be the only", 1, 1},
-		{"duplicate operation", `query A { health } query A { version }`, "A", nil, `only one operation named "A"`, 1, 20},
-		{"operation name needed", `query A { health } query B { version }`, "", nil, "Must provide operation name", 0, 0},
-		{"unknown operation", `query A { health }`, "Z", nil, `Unknown operation named "Z".`, 0, 0},
-		{"mutation wrong args", `mutation { executePlaybook(name: 1) { id } }`, "", nil, `Expected value of type "String!", found 1.`, 1, 34},
-		{"input unknown field", `mutation { proxyRequest(input: {method: "GET", endpoint: "/api/x", nope: 1}) { success } }`, "", nil, `Field "nope" is not defined by type "ProxyRequestInput".`, 1, 68},
-		{"input missing field", `mutation { proxyRequest(input: {method: "GET"}) { success } }`, "", nil, `Field "ProxyRequestInput.endpoint" of required type "String!" was not provided.`, 1, 32},
-		{"input variable missing field", `mutation M($i: ProxyRequestInput!) { proxyRequest(input: $i) { success } }`, "", map[string]any{"i": map[string]any{"method": "GET"}}, `of required type "String!" was not provided`, 1, 12},
-	}
-	for _, tc := range cases {
+	for _, tc := range graphqlErrorCases {
 		t.Run(tc.name, func(t *testing.T) {
 			res := runGQL(t, s, tc.query, tc.vars, tc.op)
 			if _, has := res["data"]; has {
@@ -572,6 +576,12 @@ func FuzzGraphQLParse(f *testing.F) {
 		"subscription { x }", "\xff", "{ a(x: \"\\u{1F600}\\uD83D\\uDE00\") }",
 	} {
 		f.Add(s)
+	}
+	for _, tc := range graphqlQueryCases {
+		f.Add(tc.query)
+	}
+	for _, tc := range graphqlErrorCases {
+		f.Add(tc.query)
 	}
 	schema := testSchema(f)
 	f.Fuzz(func(t *testing.T, src string) {

@@ -63,8 +63,15 @@ func TestVerifierKeyTypes(t *testing.T) {
 	}
 }
 
-func TestParseJWK(t *testing.T) {
-	t.Parallel()
+// jwkCase is one JWK and whether parseJWK must accept it.
+type jwkCase struct {
+	name string
+	key  map[string]any
+	ok   bool
+}
+
+// parseJWKCases are TestParseJWK's table, and seeds of FuzzParseKeySet.
+func parseJWKCases() []jwkCase {
 	ec := newECKey("e", elliptic.P256(), "ES256").jwk()
 	offCurve := map[string]any{}
 	for k, v := range ec {
@@ -80,11 +87,7 @@ func TestParseJWK(t *testing.T) {
 		c["alg"] = alg
 		return c
 	}
-	for _, tc := range []struct {
-		name string
-		key  map[string]any
-		ok   bool
-	}{
+	return []jwkCase{
 		{"rsa 2048", rsaJWK, true},
 		{"rsa 1024", testKey{kid: "w", priv: rsaWeak()}.jwk(), false},
 		{"rsa with fitting alg", withAlg(rsaJWK, "RS256"), true},
@@ -96,7 +99,12 @@ func TestParseJWK(t *testing.T) {
 		{"encryption key", map[string]any{"kty": "RSA", "use": "enc", "n": rsaJWK["n"], "e": rsaJWK["e"]}, false},
 		{"symmetric", map[string]any{"kty": "oct", "k": "c2VjcmV0"}, false},
 		{"bad base64", map[string]any{"kty": "RSA", "n": "!!", "e": "AQAB"}, false},
-	} {
+	}
+}
+
+func TestParseJWK(t *testing.T) {
+	t.Parallel()
+	for _, tc := range parseJWKCases() {
 		raw, _ := json.Marshal(tc.key)
 		var k jwk
 		json.Unmarshal(raw, &k)
@@ -115,6 +123,10 @@ func FuzzParseKeySet(f *testing.F) {
 	}
 	f.Add([]byte(`{"keys":[{"kty":"RSA","n":"AQAB","e":"AQAB"},{"kty":"EC","crv":"P-256","x":"","y":""}]}`))
 	f.Add([]byte(`{"keys":null}`))
+	for _, tc := range parseJWKCases() {
+		raw, _ := json.Marshal(map[string]any{"keys": []any{tc.key}})
+		f.Add(raw)
+	}
 	f.Fuzz(func(t *testing.T, raw []byte) {
 		ks, err := parseKeySet(raw, discardLogger())
 		if err != nil {
@@ -134,8 +146,9 @@ func FuzzParseKeySet(f *testing.F) {
 // FuzzVerify: whatever the token, verification never panics, never fetches
 // more than the cooldown allows, and only a token signed by the key passes.
 func FuzzVerify(f *testing.F) {
-	p := startIdP(f, keyA())
-	cfg, _ := loadConfig(envOf(map[string]string{"OIDC_ISSUER": p.issuer(), "OIDC_JWKS_URL": p.URL + "/jwks", "JWKS_MIN_REFRESH_SECS": "3600"}))
+	// The provider of forgedTokenCases, whose tokens seed the corpus.
+	p := startIdP(f, keyA(), testKey{kid: "weak", alg: "RS256", priv: rsaWeak()}, newECKey("e1", elliptic.P256(), "ES256"))
+	cfg, _ := loadConfig(envOf(map[string]string{"OIDC_ISSUER": p.issuer(), "OIDC_JWKS_URL": p.URL + "/jwks", "JWKS_MIN_REFRESH_SECS": "3600", "AUTH0_CLIENT_ID": "client-1"}))
 	v := newVerifier(cfg, discardLogger(), newMetrics(), time.Now)
 	good := sign(f, keyA(), p.claims(nil))
 	if _, err := v.Verify(context.Background(), good); err != nil {
@@ -145,6 +158,10 @@ func FuzzVerify(f *testing.F) {
 	f.Add(strings.Replace(good, ".", "..", 1))
 	f.Add(`eyJhbGciOiJub25lIn0.e30.`)
 	f.Add(b64([]byte(`{"alg":"RS256","kid":["k1"]}`)) + ".e30.")
+	_, forged := forgedTokenCases(f, p)
+	for _, tc := range forged {
+		f.Add(tc.token)
+	}
 	f.Fuzz(func(t *testing.T, tok string) {
 		_, err := v.Verify(context.Background(), tok)
 		if err == nil && tok != good {

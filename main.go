@@ -344,8 +344,8 @@ func handleReady(a *app) http.Handler {
 
 func loopbackOnly(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if !peerAddr(r).IsLoopback() {
-			writeError(w, r, http.StatusForbidden, "forbidden", errors.New("metrics refused for a non-loopback peer: set GATEWAY_INTERNAL_ADDR"))
+		if !localPeer(r) {
+			writeError(w, r, http.StatusForbidden, "forbidden", errors.New("metrics refused for a non-loopback or proxied peer: set GATEWAY_INTERNAL_ADDR"))
 			return
 		}
 		next.ServeHTTP(w, r)

@@ -15,6 +15,7 @@ import (
 	"net/http"
 	"net/netip"
 	"path"
+	"reflect"
 	"runtime/debug"
 	"strconv"
 	"strings"
@@ -370,13 +371,40 @@ func decodeJSON(w http.ResponseWriter, r *http.Request, dst any) bool {
 	case errors.As(err, &mbe):
 		writeError(w, r, http.StatusRequestEntityTooLarge, "request body too large", nil)
 	case errors.As(err, &te) && te.Field != "":
-		writeError(w, r, http.StatusBadRequest, fmt.Sprintf("invalid JSON: field %q must be %s", te.Field, te.Type), nil)
+		writeError(w, r, http.StatusBadRequest, fmt.Sprintf("invalid JSON: field %q must be %s", te.Field, jsonKind(te.Type)), nil)
 	case errors.Is(err, io.EOF):
 		writeError(w, r, http.StatusBadRequest, "invalid JSON: empty body", nil)
 	default:
 		writeError(w, r, http.StatusBadRequest, "invalid JSON", nil)
 	}
 	return false
+}
+
+// jsonKind names the JSON type a Go type decodes from; the Go type itself
+// (main.errorIn, *int) is internal and never shown to clients.
+func jsonKind(t reflect.Type) string {
+	for t != nil && t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	if t == nil {
+		return "a JSON value"
+	}
+	switch t.Kind() {
+	case reflect.String:
+		return "string"
+	case reflect.Bool:
+		return "boolean"
+	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64,
+		reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64, reflect.Uintptr:
+		return "integer"
+	case reflect.Float32, reflect.Float64:
+		return "number"
+	case reflect.Struct, reflect.Map:
+		return "object"
+	case reflect.Slice, reflect.Array:
+		return "array"
+	}
+	return "a JSON value"
 }
 
 // peerAddr is the TCP peer of the request.
@@ -422,6 +450,23 @@ func clientIP(r *http.Request, proxies []netip.Prefix) netip.Addr {
 	return peer
 }
 
+// localPeer reports whether a request comes from this host itself. A
+// loopback peer that forwards requests for others (a reverse proxy or mesh
+// sidecar on the same host, which adds Forwarded, X-Forwarded-For or
+// X-Real-IP) is not local: trusting it would open loopback-only routes to
+// everyone that proxy serves.
+func localPeer(r *http.Request) bool {
+	if !peerAddr(r).IsLoopback() {
+		return false
+	}
+	for _, h := range []string{"Forwarded", "X-Forwarded-For", "X-Real-Ip"} {
+		if len(r.Header.Values(h)) > 0 {
+			return false
+		}
+	}
+	return true
+}
+
 // internalOnly guards worker and operator routes (SPEC §7). With
 // CALLBACK_TOKEN set the caller must present it. Without it, routes on the
 // public listener accept loopback peers only; on the dedicated internal
@@ -438,9 +483,9 @@ func internalOnly(cfg Config, onInternal bool, next http.Handler) http.Handler {
 				writeError(w, r, http.StatusUnauthorized, "callback token required", errors.New("internal route called without a valid CALLBACK_TOKEN"))
 				return
 			}
-		} else if !onInternal && !peerAddr(r).IsLoopback() {
+		} else if !onInternal && !localPeer(r) {
 			writeError(w, r, http.StatusForbidden, "forbidden",
-				errors.New("internal route refused for a non-loopback peer: set CALLBACK_TOKEN or GATEWAY_INTERNAL_ADDR"))
+				errors.New("internal route refused for a non-loopback or proxied peer: set CALLBACK_TOKEN or GATEWAY_INTERNAL_ADDR"))
 			return
 		}
 		next.ServeHTTP(w, r)

@@ -84,6 +84,13 @@ func handleProxy(cfg Config, log *slog.Logger, access *accessChecker) http.Handl
 			pr.Out.URL.RawPath = ""
 			pr.Out.URL.RawQuery = pr.In.URL.RawQuery
 			stripOwnedHeaders(pr.Out.Header)
+			// An upgrade to anything but WebSocket (h2c above all) would
+			// turn the connection into a tunnel to NoETL whose later
+			// requests never pass the gateway's path and access checks.
+			if up := pr.Out.Header.Get("Upgrade"); up != "" && !strings.EqualFold(up, "websocket") {
+				pr.Out.Header.Del("Upgrade")
+				pr.Out.Header.Del("Connection")
+			}
 			setIdentityHeaders(pr.Out.Header, t.session, requestIDFrom(pr.In.Context()))
 			setForwarded(pr, cfg)
 		},
@@ -119,7 +126,7 @@ func handleProxy(cfg Config, log *slog.Logger, access *accessChecker) http.Handl
 			writeError(w, r, http.StatusUnauthorized, "Missing authentication token", nil)
 			return
 		}
-		if cfg.AuthzEnforce && r.Method == http.MethodPost && strings.TrimSuffix(p, "/") == "execute" {
+		if cfg.AuthzEnforce && r.Method == http.MethodPost && isExecutePath(p) {
 			if !authorizeExecute(w, r, access, s) {
 				return
 			}
@@ -191,28 +198,9 @@ func authorizeExecute(w http.ResponseWriter, r *http.Request, access *accessChec
 		}
 		return false
 	}
-	// A map, not a struct: encoding/json matches struct fields without
-	// regard to case, so {"path":"a","PATH":"b"} would be checked as "b"
-	// while NoETL runs "a". With a map only the exact key counts, and for a
-	// repeated key the last one wins, as in NoETL's own parser.
-	var fields map[string]json.RawMessage
-	if err := json.Unmarshal(body, &fields); err != nil {
-		writeError(w, r, http.StatusBadRequest, "invalid JSON", nil)
-		return false
-	}
-	var path string
-	if raw, ok := fields["path"]; !ok || json.Unmarshal(raw, &path) != nil || path == "" {
-		writeError(w, r, http.StatusBadRequest, "path is required", nil)
-		return false
-	}
-	if !playbookPath.MatchString(path) {
-		writeError(w, r, http.StatusBadRequest, "invalid path", nil)
-		return false
-	}
-	// NoETL also accepts catalog_id, which names a playbook the check above
-	// never saw.
-	if raw, ok := fields["catalog_id"]; ok && string(raw) != "null" {
-		writeError(w, r, http.StatusBadRequest, "catalog_id is not accepted here; send path", nil)
+	path, problem := executeBodyPath(body)
+	if problem != "" {
+		writeError(w, r, http.StatusBadRequest, problem, nil)
 		return false
 	}
 	allowed, err := access.Allowed(r.Context(), s, path, "execute")
@@ -230,11 +218,45 @@ func authorizeExecute(w http.ResponseWriter, r *http.Request, access *accessChec
 	return true
 }
 
+// isExecutePath reports whether a canonical proxy path (below /api/) names
+// NoETL's execute endpoint. Case is ignored: whether the upstream routes
+// case-insensitively is not the gateway's to assume, and authorization must
+// cover every spelling the upstream might serve.
+func isExecutePath(p string) bool {
+	return strings.EqualFold(strings.TrimSuffix(p, "/"), "execute")
+}
+
+// executeBodyPath reads the playbook path of an execute request body, or
+// returns the problem to answer with 400.
+func executeBodyPath(body []byte) (path, problem string) {
+	// A map, not a struct: encoding/json matches struct fields without
+	// regard to case, so {"path":"a","PATH":"b"} would be checked as "b"
+	// while NoETL runs "a". With a map only the exact key counts, and for a
+	// repeated key the last one wins, as in NoETL's own parser.
+	var fields map[string]json.RawMessage
+	if err := json.Unmarshal(body, &fields); err != nil {
+		return "", "invalid JSON"
+	}
+	if raw, ok := fields["path"]; !ok || json.Unmarshal(raw, &path) != nil || path == "" {
+		return "", "path is required"
+	}
+	if !playbookPath.MatchString(path) {
+		return "", "invalid path"
+	}
+	// NoETL also accepts catalog_id, which names a playbook the check above
+	// never saw.
+	if raw, ok := fields["catalog_id"]; ok && string(raw) != "null" {
+		return "", "catalog_id is not accepted here; send path"
+	}
+	return path, ""
+}
+
 // ownedHeader reports whether a header name, in any spelling, is one the
 // gateway sets itself towards NoETL, or one that NoETL or a framework in
-// front of it might read as the client's address or identity: lower-cased,
-// with "_" and "." read as "-" (CGI/WSGI servers and some proxies fold them
-// together).
+// front of it might read as the client's address or identity, or as a
+// method or path other than the one the gateway authorized (method override
+// and X-Original-URL style rewrites): lower-cased, with "_" and "." read as
+// "-" (CGI/WSGI servers and some proxies fold them together).
 func ownedHeader(name string) bool {
 	n := strings.Map(func(r rune) rune {
 		if r == '_' || r == '.' {
@@ -247,7 +269,8 @@ func ownedHeader(name string) bool {
 	}, name)
 	switch n {
 	case "x-session-token", "x-session-id", "x-request-id", "cookie", "authorization", "proxy-authorization",
-		"forwarded", "x-real-ip", "x-client-ip":
+		"forwarded", "x-real-ip", "x-client-ip",
+		"x-http-method-override", "x-http-method", "x-method-override", "x-original-url", "x-rewrite-url", "x-original-method":
 		return true
 	}
 	return strings.HasPrefix(n, "x-user-") || strings.HasPrefix(n, "x-gateway-") || strings.HasPrefix(n, "x-forwarded-")

@@ -245,33 +245,36 @@ func rawRequest(t *testing.T, base, target string) (int, string) {
 	return resp.StatusCode, string(b)
 }
 
+// proxyPathAttacks are request targets the proxy refuses with 400; they
+// seed FuzzCanonicalProxyPath too.
+var proxyPathAttacks = []string{
+	"/noetl/../health",
+	"/noetl/a/../../health",
+	"/noetl/%2e%2e/health",
+	"/noetl/a/%2E%2E/%2e%2e/health",
+	"/noetl/a/%2e/b",
+	"/noetl/./a",
+	"/noetl/a%2Fb",
+	"/noetl/a%2f..%2fb",
+	"/noetl/a%5Cb",
+	"/noetl/a%5c..%5cb",
+	"/noetl/a\\..\\b",
+	"/noetl/a;b=c",
+	"/noetl/a%3Bb",
+	"/noetl/a%00b",
+	"/noetl/a%01b",
+	"/noetl/a%7Fb",
+	"/noetl//a",
+	"/noetl/a//b",
+	"/noetl/a%2F%2Fb",
+	"/noetl/%252e%252e/health",
+	"/noetl/a/%252F",
+}
+
 func TestProxyPathAttacks(t *testing.T) {
 	t.Parallel()
 	_, g, up := startProxyEnv(t, nil)
-	attacks := []string{
-		"/noetl/../health",
-		"/noetl/a/../../health",
-		"/noetl/%2e%2e/health",
-		"/noetl/a/%2E%2E/%2e%2e/health",
-		"/noetl/a/%2e/b",
-		"/noetl/./a",
-		"/noetl/a%2Fb",
-		"/noetl/a%2f..%2fb",
-		"/noetl/a%5Cb",
-		"/noetl/a%5c..%5cb",
-		"/noetl/a\\..\\b",
-		"/noetl/a;b=c",
-		"/noetl/a%3Bb",
-		"/noetl/a%00b",
-		"/noetl/a%01b",
-		"/noetl/a%7Fb",
-		"/noetl//a",
-		"/noetl/a//b",
-		"/noetl/a%2F%2Fb",
-		"/noetl/%252e%252e/health",
-		"/noetl/a/%252F",
-	}
-	for _, target := range attacks {
+	for _, target := range proxyPathAttacks {
 		status, body := rawRequest(t, g.URL, target)
 		if status != http.StatusBadRequest {
 			t.Errorf("%s: status %d body %s", target, status, body)
@@ -609,7 +612,8 @@ func TestProxyExecuteNotEnforced(t *testing.T) {
 }
 
 func FuzzCanonicalProxyPath(f *testing.F) {
-	for _, s := range []string{"/noetl/a/b", "/noetl/%2e%2e/x", "/noetl/a%2Fb", "/noetl/a;b", "/noetl/a%00", "/noetl/%252e"} {
+	for _, s := range append([]string{"/noetl/a/b", "/noetl/%2e%2e/x", "/noetl/a%2Fb", "/noetl/a;b", "/noetl/a%00", "/noetl/%252e",
+		"/noetl/catalog/%41bc/x%20y", "/noetl/%65xecute", "/noetl/EXECUTE/"}, proxyPathAttacks...) {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, escaped string) {
