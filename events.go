@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -36,6 +37,9 @@ const (
 	// readyWait bounds how long a connect waits for live delivery to run
 	// (NATS mode, right after start).
 	readyWait = 5 * time.Second
+	// replaceWait bounds how long a reconnect waits for the stream it
+	// replaces to finish on this replica.
+	replaceWait = time.Second
 )
 
 // JSON-RPC error codes of the original (REFERENCE §14.1).
@@ -123,6 +127,14 @@ type conn struct {
 
 	closeOnce sync.Once
 	reason    closeReason // written before done is closed
+
+	// flushed is the highest event id flushed to the client; ended is
+	// closed when the connection's handler has returned. A connection that
+	// replaces this one on the same replica waits for ended and continues
+	// after flushed, so a plain reconnect neither repeats nor skips events
+	// even before the delivery cursor is saved.
+	flushed atomic.Uint64
+	ended   chan struct{}
 
 	mu         sync.Mutex
 	lastQueued uint64        // highest event id put on queue (or replayed)
@@ -270,7 +282,9 @@ var (
 
 // register adds a connection for clientID, closing any connection the same
 // client_id has here (and, through NATS, on other replicas).
-func (b *broker) register(clientID, token string) (*conn, error) {
+//
+// It also returns the connection it replaced on this replica, if any.
+func (b *broker) register(clientID, token string) (c, replaced *conn, err error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	old := b.byClient[clientID]
@@ -282,13 +296,14 @@ func (b *broker) register(clientID, token string) (*conn, error) {
 	}
 	switch {
 	case old == nil && b.total >= b.cfg.SSEMaxClients:
-		return nil, errTooManyClients
+		return nil, nil, errTooManyClients
 	case sameSession >= b.cfg.SSEMaxClientsPerSession:
-		return nil, errTooManyClientsSession
+		return nil, nil, errTooManyClientsSession
 	}
 	b.gen++
-	c := &conn{clientID: clientID, token: token, gen: b.gen, queue: make(chan *event, b.cfg.SSEClientBuffer), done: make(chan struct{})}
+	c = &conn{clientID: clientID, token: token, gen: b.gen, queue: make(chan *event, b.cfg.SSEClientBuffer), done: make(chan struct{}), ended: make(chan struct{})}
 	if old != nil {
+		replaced = old.conn
 		b.removeLocked(old.conn)
 		old.conn.close(closeReplaced)
 		old.conn = c
@@ -315,7 +330,7 @@ func (b *broker) register(clientID, token string) (*conn, error) {
 		msg.Header.Set(hdrOwner, b.replica)
 		b.nc.PublishMsg(msg)
 	}
-	return c, nil
+	return c, replaced, nil
 }
 
 // removeLocked drops c from the session index and the count.
@@ -567,7 +582,7 @@ func handleEvents(b *broker) http.Handler {
 		case <-ctx.Done():
 			return
 		}
-		c, err := b.register(clientID, token)
+		c, replaced, err := b.register(clientID, token)
 		switch {
 		case errors.Is(err, errTooManyClients):
 			writeError(w, r, http.StatusServiceUnavailable, "too many connections", err)
@@ -579,7 +594,19 @@ func handleEvents(b *broker) http.Handler {
 		defer func() {
 			c.close(closeGone) // ends its re-check and any confirm waiting on it
 			b.unregister(c)
+			close(c.ended)
 		}()
+		if replaced != nil && !hasLast {
+			// The stream this one replaces may still be saving its cursor:
+			// let it finish (it stops at once; a write stuck on a dead
+			// client is cut by its deadline) and continue after what it
+			// flushed.
+			select {
+			case <-replaced.ended:
+			case <-time.After(replaceWait):
+			}
+			after = max(after, replaced.flushed.Load())
+		}
 		log := loggerFrom(r).With("client_id", clientID, "session", tokenID(token), "gen", c.gen)
 		b.serve(ctx, w, c, log, generated, after)
 	})
@@ -742,6 +769,7 @@ func (st *streamState) commit(ctx context.Context) error {
 	if err := st.s.flush(); err != nil {
 		return err
 	}
+	st.c.flushed.Store(st.sent)
 	if st.sent > st.cursor {
 		if err := writeCursor(ctx, st.b.requests, st.c.clientID, st.sent); err != nil {
 			st.log.Warn("SSE delivery cursor not saved", "err", err)

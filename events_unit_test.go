@@ -188,7 +188,7 @@ func BenchmarkBrokerPublish(b *testing.B) {
 	m := newMetrics()
 	requests := newMemKV(cfg.RequestTTL)
 	br := newBroker(b.Context(), cfg, newLogger(cfg, io.Discard), m, nil, requests, nil)
-	c, err := br.register("bench-client", "tok")
+	c, _, err := br.register("bench-client", "tok")
 	if err != nil {
 		b.Fatal(err)
 	}
