@@ -148,12 +148,17 @@ type natsKV struct {
 	cfg jetstream.KeyValueConfig
 	log *slog.Logger
 
+	// reconnected returns a channel closed at the next (re)connection to
+	// NATS; nil when there is no such signal.
+	reconnected func() <-chan struct{}
+	lookup      chan struct{} // held while the bucket is looked up
+
 	mu sync.Mutex
 	kv jetstream.KeyValue
 }
 
-func newNatsKV(js jetstream.JetStream, bucket, description string, ttl time.Duration, log *slog.Logger) *natsKV {
-	return &natsKV{js: js, log: log, cfg: jetstream.KeyValueConfig{
+func newNatsKV(js jetstream.JetStream, bucket, description string, ttl time.Duration, log *slog.Logger, reconnected func() <-chan struct{}) *natsKV {
+	return &natsKV{js: js, log: log, reconnected: reconnected, lookup: make(chan struct{}, 1), cfg: jetstream.KeyValueConfig{
 		Bucket:       bucket,
 		Description:  description,
 		TTL:          ttl,
@@ -165,9 +170,25 @@ func newNatsKV(js jetstream.JetStream, bucket, description string, ttl time.Dura
 
 func (s *natsKV) bucket(ctx context.Context) (jetstream.KeyValue, error) {
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.kv != nil {
-		return s.kv, nil
+	kv := s.kv
+	s.mu.Unlock()
+	if kv != nil {
+		return kv, nil
+	}
+	// One lookup at a time, and waiting for it honours ctx: a slow NATS
+	// must not hold a request (bounded by kvTimeout) behind a lookup
+	// started without a deadline, such as a watcher's.
+	select {
+	case s.lookup <- struct{}{}:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	defer func() { <-s.lookup }()
+	s.mu.Lock()
+	kv = s.kv
+	s.mu.Unlock()
+	if kv != nil {
+		return kv, nil
 	}
 	// An existing bucket keeps its own settings (as the original did): the
 	// operator may have tuned it.
@@ -184,7 +205,9 @@ func (s *natsKV) bucket(ctx context.Context) (jetstream.KeyValue, error) {
 	if err != nil {
 		return nil, fmt.Errorf("opening K/V bucket %s: %w", s.cfg.Bucket, err)
 	}
+	s.mu.Lock()
 	s.kv = kv
+	s.mu.Unlock()
 	return kv, nil
 }
 
@@ -238,16 +261,26 @@ func (s *natsKV) Delete(ctx context.Context, key string) error {
 
 // Watch follows the bucket until ctx ends. NATS may be down when it starts
 // and the watcher may end when the connection is lost, so it re-opens the
-// watch in the background with backoff; only ctx stops it.
+// watch in the background with backoff; only ctx stops it. On every
+// reconnection the watch is re-opened at once, from the revision after the
+// last one seen: the library's own recovery of a watch whose server went
+// away waits for missed heartbeats (10 s and more), during which near caches
+// would miss logouts made on other replicas.
 func (s *natsKV) Watch(ctx context.Context, fn func(string, []byte)) error {
 	go func() {
 		backoff := 100 * time.Millisecond
+		var last uint64
 		for ctx.Err() == nil {
-			if s.watchOnce(ctx, fn) {
+			var again <-chan struct{}
+			if s.reconnected != nil {
+				again = s.reconnected()
+			}
+			if s.watchOnce(ctx, again, &last, fn) {
 				backoff = 100 * time.Millisecond
 			}
 			select {
 			case <-ctx.Done():
+			case <-again:
 			case <-time.After(backoff):
 			}
 			backoff = min(2*backoff, 5*time.Second)
@@ -256,13 +289,19 @@ func (s *natsKV) Watch(ctx context.Context, fn func(string, []byte)) error {
 	return nil
 }
 
-// watchOnce runs one watcher until it ends; it reports whether it got started.
-func (s *natsKV) watchOnce(ctx context.Context, fn func(string, []byte)) bool {
+// watchOnce runs one watcher until it ends, ctx ends or again is closed; it
+// reports whether it got started. last is the revision of the last update
+// seen, 0 for none yet.
+func (s *natsKV) watchOnce(ctx context.Context, again <-chan struct{}, last *uint64, fn func(string, []byte)) bool {
 	kv, err := s.bucket(ctx)
 	if err != nil {
 		return false
 	}
-	w, err := kv.WatchAll(ctx, jetstream.UpdatesOnly())
+	opt := jetstream.UpdatesOnly()
+	if *last > 0 {
+		opt = jetstream.ResumeFromRevision(*last + 1)
+	}
+	w, err := kv.WatchAll(ctx, opt)
 	if err != nil {
 		s.log.Debug("K/V watch failed", "bucket", s.cfg.Bucket, "err", err)
 		return false
@@ -272,6 +311,8 @@ func (s *natsKV) watchOnce(ctx context.Context, fn func(string, []byte)) bool {
 		select {
 		case <-ctx.Done():
 			return true
+		case <-again:
+			return true
 		case e, ok := <-w.Updates():
 			if !ok {
 				return true
@@ -279,6 +320,7 @@ func (s *natsKV) watchOnce(ctx context.Context, fn func(string, []byte)) bool {
 			if e == nil {
 				continue
 			}
+			*last = e.Revision()
 			switch e.Operation() {
 			case jetstream.KeyValuePut:
 				fn(e.Key(), e.Value())
