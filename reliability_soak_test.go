@@ -18,10 +18,10 @@ import (
 	"time"
 )
 
-// soakClient is what a soak worker uses: one pooled client, errors
-// reported with t.Errorf (workers are not the test goroutine).
+// soakClient is what a soak worker uses: one pooled client; unexpected
+// answers are collected and reported by the test goroutine once the
+// workers are done.
 type soakClient struct {
-	t *testing.T
 	c *http.Client
 
 	mu         sync.Mutex
@@ -124,7 +124,7 @@ func TestReliabilitySoak(t *testing.T) {
 	main := openSSE(t, g.URL+"/events?session_token=tok-soak-main&client_id=cl-soak", nil)
 	main.skipInit(t)
 
-	s := &soakClient{t: t, c: &http.Client{Timeout: 10 * time.Second}}
+	s := &soakClient{c: &http.Client{Timeout: 10 * time.Second}}
 	defer s.c.CloseIdleConnections()
 	var logins atomic.Int64
 	ops := map[string]func(w, i int){

@@ -232,7 +232,7 @@ func quietGoroutines() int {
 	return n
 }
 
-// readyChecks returns /ready's checks.nats.
+// natsState is what /ready says about NATS.
 func natsState(t testing.TB, base string) string {
 	_, _, body := doJSON(t, "GET", base+"/ready", nil, nil)
 	checks, _ := body["checks"].(map[string]any)
@@ -240,7 +240,7 @@ func natsState(t testing.TB, base string) string {
 	return s
 }
 
-// get sends a GET with a session token through a client of its own and
+// getWithToken sends a GET with a session token through client c and
 // returns status and body.
 func getWithToken(c *http.Client, url, token string) (int, string, error) {
 	req, _ := http.NewRequest("GET", url, nil)
