@@ -263,7 +263,7 @@ func (l *natsLog) replay(ctx context.Context, clientID string, after uint64, fn 
 func (l *natsLog) run(ctx context.Context) {
 	var pos atomic.Uint64 // last stream sequence handed to deliver
 	started, warned := false, false
-	retryForever(ctx, func() bool {
+	retryForever(ctx, nil, func(<-chan struct{}) bool {
 		err := l.follow(ctx, &pos, &started)
 		switch {
 		case err == nil:
@@ -460,7 +460,7 @@ func (ix *pendingIndex) follow(ctx context.Context) {
 		ix.requests.Watch(ctx, ix.update)
 		return
 	}
-	go retryForever(ctx, func() bool { return kv.watchOnce(ctx, ix.update, ix.reset) })
+	go kv.follow(ctx, ix.update, ix.reset)
 }
 
 // Delivery cursors: the id of the last event written to a client's stream,

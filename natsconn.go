@@ -20,6 +20,30 @@ type natsConn struct {
 	nc  *nats.Conn
 	js  jetstream.JetStream
 	log *slog.Logger
+	// up is fired on every connection and reconnection.
+	up *wakeup
+}
+
+// wakeup wakes everyone waiting on it each time it fires.
+type wakeup struct {
+	mu sync.Mutex
+	ch chan struct{}
+}
+
+func newWakeup() *wakeup { return &wakeup{ch: make(chan struct{})} }
+
+// wait returns a channel closed at the next fire.
+func (s *wakeup) wait() <-chan struct{} {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.ch
+}
+
+func (s *wakeup) fire() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	close(s.ch)
+	s.ch = make(chan struct{})
 }
 
 // connectNATS dials cfg.NATSURL (a comma list; nats:// or tls://; user:pass@
@@ -27,6 +51,7 @@ type natsConn struct {
 func connectNATS(cfg Config, log *slog.Logger, m *metrics) (*natsConn, error) {
 	log = log.With("component", "nats")
 	up := m.natsConnected.with()
+	connected := newWakeup()
 	opts := []nats.Option{
 		nats.Name("noetl-gateway"),
 		// Keep trying from the first dial on, so start-up never waits for
@@ -41,10 +66,12 @@ func connectNATS(cfg Config, log *slog.Logger, m *metrics) (*natsConn, error) {
 		nats.ReconnectBufSize(8 << 20),
 		nats.ConnectHandler(func(c *nats.Conn) {
 			up.Set(1)
+			connected.fire()
 			log.Info("NATS connected", "server", c.ConnectedUrlRedacted())
 		}),
 		nats.ReconnectHandler(func(c *nats.Conn) {
 			up.Set(1)
+			connected.fire()
 			log.Info("NATS reconnected", "server", c.ConnectedUrlRedacted())
 		}),
 		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
@@ -81,7 +108,7 @@ func connectNATS(cfg Config, log *slog.Logger, m *metrics) (*natsConn, error) {
 		nc.Close()
 		return nil, fmt.Errorf("opening JetStream: %w", err)
 	}
-	return &natsConn{nc: nc, js: js, log: log}, nil
+	return &natsConn{nc: nc, js: js, log: log, up: connected}, nil
 }
 
 // status is what /ready reports for NATS.
@@ -97,7 +124,7 @@ func (c *natsConn) status() string {
 
 // kv returns a lazily created K/V bucket with the given TTL.
 func (c *natsConn) kv(bucket, description string, ttl time.Duration) *natsKV {
-	return newNatsKV(c.js, bucket, description, ttl, c.log)
+	return newNatsKV(c.js, bucket, description, ttl, c.log, c.up.wait)
 }
 
 // stream gets or creates a JetStream stream. Like buckets, it is looked up

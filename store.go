@@ -148,12 +148,17 @@ type natsKV struct {
 	cfg jetstream.KeyValueConfig
 	log *slog.Logger
 
+	// reconnected returns a channel closed at the next (re)connection to
+	// NATS; nil when there is no such signal.
+	reconnected func() <-chan struct{}
+	lookup      chan struct{} // held while the bucket is looked up
+
 	mu sync.Mutex
 	kv jetstream.KeyValue
 }
 
-func newNatsKV(js jetstream.JetStream, bucket, description string, ttl time.Duration, log *slog.Logger) *natsKV {
-	return &natsKV{js: js, log: log, cfg: jetstream.KeyValueConfig{
+func newNatsKV(js jetstream.JetStream, bucket, description string, ttl time.Duration, log *slog.Logger, reconnected func() <-chan struct{}) *natsKV {
+	return &natsKV{js: js, log: log, reconnected: reconnected, lookup: make(chan struct{}, 1), cfg: jetstream.KeyValueConfig{
 		Bucket:       bucket,
 		Description:  description,
 		TTL:          ttl,
@@ -165,9 +170,25 @@ func newNatsKV(js jetstream.JetStream, bucket, description string, ttl time.Dura
 
 func (s *natsKV) bucket(ctx context.Context) (jetstream.KeyValue, error) {
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.kv != nil {
-		return s.kv, nil
+	kv := s.kv
+	s.mu.Unlock()
+	if kv != nil {
+		return kv, nil
+	}
+	// One lookup at a time, and waiting for it honours ctx: a slow NATS
+	// must not hold a request (bounded by kvTimeout) behind a lookup
+	// started without a deadline, such as a watcher's.
+	select {
+	case s.lookup <- struct{}{}:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	defer func() { <-s.lookup }()
+	s.mu.Lock()
+	kv = s.kv
+	s.mu.Unlock()
+	if kv != nil {
+		return kv, nil
 	}
 	// An existing bucket keeps its own settings (as the original did): the
 	// operator may have tuned it.
@@ -184,7 +205,9 @@ func (s *natsKV) bucket(ctx context.Context) (jetstream.KeyValue, error) {
 	if err != nil {
 		return nil, fmt.Errorf("opening K/V bucket %s: %w", s.cfg.Bucket, err)
 	}
+	s.mu.Lock()
 	s.kv = kv
+	s.mu.Unlock()
 	return kv, nil
 }
 
@@ -238,41 +261,66 @@ func (s *natsKV) Delete(ctx context.Context, key string) error {
 
 // Watch follows the bucket until ctx ends. NATS may be down when it starts
 // and the watcher may end when the connection is lost, so it re-opens the
-// watch in the background with backoff; only ctx stops it.
+// watch in the background with backoff; only ctx stops it. On every
+// reconnection the watch is re-opened at once, from the revision after the
+// last one seen: the library's own recovery of a watch whose server went
+// away waits for missed heartbeats (10 s and more), during which near caches
+// would miss logouts made on other replicas.
 func (s *natsKV) Watch(ctx context.Context, fn func(string, []byte)) error {
-	go retryForever(ctx, func() bool { return s.watchOnce(ctx, fn, nil) })
+	go s.follow(ctx, fn, nil)
 	return nil
+}
+
+// follow keeps one watch of the bucket open until ctx ends, re-opening it
+// after failures (with backoff) and at once after every reconnection. With
+// reset set, every opening starts from the bucket's current values, after
+// reset is called (for readers that rebuild their own index of it);
+// otherwise it resumes after the last revision seen.
+func (s *natsKV) follow(ctx context.Context, fn func(string, []byte), reset func()) {
+	var last uint64
+	retryForever(ctx, s.reconnected, func(again <-chan struct{}) bool {
+		return s.watchOnce(ctx, again, &last, fn, reset)
+	})
 }
 
 // retryForever runs once until ctx ends, pausing between runs with a
 // backoff from 100 ms to 5 s; a run that reports it got going resets the
-// backoff. It is how watchers and consumers outlive NATS outages.
-func retryForever(ctx context.Context, once func() (started bool)) {
+// backoff. When wake is set, the channel it gives is handed to the run and
+// also cuts the pause short (a reconnection). It is how watchers and
+// consumers outlive NATS outages.
+func retryForever(ctx context.Context, wake func() <-chan struct{}, once func(again <-chan struct{}) (started bool)) {
 	backoff := 100 * time.Millisecond
 	for ctx.Err() == nil {
-		if once() {
+		var again <-chan struct{}
+		if wake != nil {
+			again = wake()
+		}
+		if once(again) {
 			backoff = 100 * time.Millisecond
 		}
 		select {
 		case <-ctx.Done():
+		case <-again:
 		case <-time.After(backoff):
 		}
 		backoff = min(2*backoff, 5*time.Second)
 	}
 }
 
-// watchOnce runs one watcher until it ends; it reports whether it got started.
-//
-// With reset set, the watch starts with every current value (after reset
-// is called), for readers that rebuild their own index of the bucket;
-// otherwise it sees later changes only.
-func (s *natsKV) watchOnce(ctx context.Context, fn func(string, []byte), reset func()) bool {
+// watchOnce runs one watcher until it ends, ctx ends or again is closed; it
+// reports whether it got started. last is the revision of the last update
+// seen, 0 for none yet.
+func (s *natsKV) watchOnce(ctx context.Context, again <-chan struct{}, last *uint64, fn func(string, []byte), reset func()) bool {
 	kv, err := s.bucket(ctx)
 	if err != nil {
 		return false
 	}
 	var opts []jetstream.WatchOpt
-	if reset == nil {
+	switch {
+	case reset != nil:
+	case *last > 0:
+		opts = append(opts, jetstream.ResumeFromRevision(*last+1))
+	default:
 		opts = append(opts, jetstream.UpdatesOnly())
 	}
 	w, err := kv.WatchAll(ctx, opts...)
@@ -288,6 +336,8 @@ func (s *natsKV) watchOnce(ctx context.Context, fn func(string, []byte), reset f
 		select {
 		case <-ctx.Done():
 			return true
+		case <-again:
+			return true
 		case e, ok := <-w.Updates():
 			if !ok {
 				return true
@@ -295,6 +345,7 @@ func (s *natsKV) watchOnce(ctx context.Context, fn func(string, []byte), reset f
 			if e == nil {
 				continue // end of the initial values
 			}
+			*last = e.Revision()
 			switch e.Operation() {
 			case jetstream.KeyValuePut:
 				fn(e.Key(), e.Value())
