@@ -28,8 +28,14 @@ type family struct {
 	buckets          []float64 // histograms only
 
 	mu     sync.RWMutex
-	series map[string]*series
+	series map[labelKey]*series
 }
+
+// labelKey is a series' label values as a map key: an array, so looking a
+// series up on the request path allocates nothing.
+type labelKey [maxLabels]string
+
+const maxLabels = 4
 
 type series struct {
 	values []string
@@ -40,7 +46,10 @@ type series struct {
 }
 
 func (r *registry) add(name, help, kind string, buckets []float64, labels ...string) *family {
-	f := &family{name: name, help: help, kind: kind, labels: labels, buckets: buckets, series: map[string]*series{}}
+	if len(labels) > maxLabels {
+		panic("metrics: " + name + ": too many labels")
+	}
+	f := &family{name: name, help: help, kind: kind, labels: labels, buckets: buckets, series: map[labelKey]*series{}}
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	for _, g := range r.families {
@@ -57,7 +66,8 @@ func (f *family) with(values ...string) *series {
 	if len(values) != len(f.labels) {
 		panic("metrics: " + f.name + ": wrong number of label values")
 	}
-	key := strings.Join(values, "\xff")
+	var key labelKey
+	copy(key[:], values)
 	f.mu.RLock()
 	s := f.series[key]
 	f.mu.RUnlock()

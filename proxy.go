@@ -258,22 +258,31 @@ func executeBodyPath(body []byte) (path, problem string) {
 // and X-Original-URL style rewrites): lower-cased, with "_" and "." read as
 // "-" (CGI/WSGI servers and some proxies fold them together).
 func ownedHeader(name string) bool {
-	n := strings.Map(func(r rune) rune {
-		if r == '_' || r == '.' {
-			return '-'
-		}
-		if r >= 'A' && r <= 'Z' {
-			return r + ('a' - 'A')
-		}
-		return r
-	}, name)
-	switch n {
+	// Folded into a stack buffer: this runs for every header of every
+	// proxied request, and strings.Map would allocate for each.
+	var buf [64]byte
+	n := buf[:0]
+	for i := 0; i < len(name); i++ {
+		n = append(n, foldHeaderByte(name[i]))
+	}
+	switch string(n) {
 	case "x-session-token", "x-session-id", "x-request-id", "cookie", "authorization", "proxy-authorization",
 		"forwarded", "x-real-ip", "x-client-ip",
 		"x-http-method-override", "x-http-method", "x-method-override", "x-original-url", "x-rewrite-url", "x-original-method":
 		return true
 	}
-	return strings.HasPrefix(n, "x-user-") || strings.HasPrefix(n, "x-gateway-") || strings.HasPrefix(n, "x-forwarded-")
+	return bytes.HasPrefix(n, []byte("x-user-")) || bytes.HasPrefix(n, []byte("x-gateway-")) || bytes.HasPrefix(n, []byte("x-forwarded-"))
+}
+
+// foldHeaderByte lower-cases and reads "_" and "." as "-".
+func foldHeaderByte(c byte) byte {
+	switch {
+	case c == '_' || c == '.':
+		return '-'
+	case c >= 'A' && c <= 'Z':
+		return c + ('a' - 'A')
+	}
+	return c
 }
 
 // stripOwnedHeaders deletes every client header the gateway owns.
@@ -340,7 +349,7 @@ func setForwarded(pr *httputil.ProxyRequest, cfg Config) {
 // would make browsers refuse the response) and X-Request-Id is the gateway's.
 func cleanUpstreamResponse(resp *http.Response) error {
 	for k := range resp.Header {
-		if strings.HasPrefix(strings.ToLower(k), "access-control-") {
+		if len(k) >= len("access-control-") && strings.EqualFold(k[:len("access-control-")], "access-control-") {
 			delete(resp.Header, k)
 		}
 	}
