@@ -265,21 +265,41 @@ func withJSONMuxErrors(mux *http.ServeMux) http.Handler {
 			writeError(w, r, http.StatusBadRequest, "invalid path", nil)
 			return
 		}
-		if h, pattern := mux.Handler(r); pattern == "" {
-			rec := &headerRecorder{h: http.Header{}}
-			h.ServeHTTP(rec, r)
-			switch {
-			case rec.status == http.StatusMethodNotAllowed:
-				w.Header().Set("Allow", rec.h.Get("Allow"))
-				writeError(w, r, http.StatusMethodNotAllowed, "method not allowed", nil)
-			default:
-				writeError(w, r, http.StatusNotFound, "not found", nil)
-			}
-			return
-		}
-		mux.ServeHTTP(w, r)
+		mux.ServeHTTP(&muxErrorWriter{ResponseWriter: w, r: r}, r)
 	})
 }
+
+// muxErrorWriter turns the mux's own plain-text 404 and 405 into JSON.
+// ServeMux sets r.Pattern before it calls a registered handler, so an error
+// written while the pattern is still empty can only be the mux's own (one
+// routing pass, not a second lookup with mux.Handler).
+type muxErrorWriter struct {
+	http.ResponseWriter
+	r       *http.Request
+	swallow bool // the mux's text body is dropped
+}
+
+func (m *muxErrorWriter) WriteHeader(code int) {
+	if m.r.Pattern == "" && !m.swallow && (code == http.StatusNotFound || code == http.StatusMethodNotAllowed) {
+		m.swallow = true
+		msg := "not found"
+		if code == http.StatusMethodNotAllowed {
+			msg = "method not allowed" // the mux has set Allow
+		}
+		writeError(m.ResponseWriter, m.r, code, msg, nil)
+		return
+	}
+	m.ResponseWriter.WriteHeader(code)
+}
+
+func (m *muxErrorWriter) Write(p []byte) (int, error) {
+	if m.swallow {
+		return len(p), nil
+	}
+	return m.ResponseWriter.Write(p)
+}
+
+func (m *muxErrorWriter) Unwrap() http.ResponseWriter { return m.ResponseWriter }
 
 // isCleanPath reports whether ServeMux would serve p as it is, without
 // redirecting to a cleaned form.
@@ -292,23 +312,6 @@ func isCleanPath(p string) bool {
 		c += "/"
 	}
 	return c == p
-}
-
-// headerRecorder captures what the mux's fallback handlers would answer.
-type headerRecorder struct {
-	h      http.Header
-	status int
-}
-
-func (r *headerRecorder) Header() http.Header { return r.h }
-func (r *headerRecorder) WriteHeader(code int) {
-	if r.status == 0 {
-		r.status = code
-	}
-}
-func (r *headerRecorder) Write(p []byte) (int, error) {
-	r.WriteHeader(http.StatusOK)
-	return len(p), nil
 }
 
 // writeError is the one way the gateway answers with an error: JSON
