@@ -55,6 +55,7 @@ type options struct {
 	sseSeconds int
 	target     string
 	bin        string
+	backend    string
 	only       map[string]bool
 }
 
@@ -73,10 +74,11 @@ func main() {
 	flag.IntVar(&o.sseConns, "sse", 10000, "idle SSE connections")
 	flag.IntVar(&o.sseRate, "sse-rate", 1000, "worker callbacks per second over the SSE connections")
 	flag.IntVar(&o.sseSeconds, "sse-seconds", 10, "seconds of callback load")
+	flag.StringVar(&o.backend, "backend-addr", "127.0.0.1:0", "listen address of the stand-in NoETL backend (fix it to point another proxy at it for -target)")
 	flag.StringVar(&o.bin, "bin", "", "use this gateway binary instead of building one (e.g. a profiling build)")
 	only := flag.String("only", "", "comma list of parts to run: load, stampede, login, sse (default all)")
 	serveControl := flag.String("serve-control", "", "internal: run only the control proxy in front of this backend URL")
-	flag.StringVar(&o.target, "target", "", "URL prefix of another proxy in front of the same backend path /noetl/bench (optional)")
+	flag.StringVar(&o.target, "target", "", "URL of another proxy in front of the backend (-backend-addr), mapping /noetl/bench to /api/bench (optional)")
 	flag.Parse()
 	if *serveControl != "" {
 		// The control runs as its own process, like the gateway, so both
@@ -128,7 +130,8 @@ func runBench(o options) error {
 	if err != nil {
 		return err
 	}
-	be := startBackend(idp)
+	be := startBackend(idp, o.backend)
+	fmt.Println("backend (stand-in NoETL):", be.url)
 	control, controlPid, stopControl, err := startControlProcess(be.url)
 	if err != nil {
 		return err
@@ -723,7 +726,7 @@ func (b *backend) addSession(t string) {
 	b.mu.Unlock()
 }
 
-func startBackend(idp *idp) *backend {
+func startBackend(idp *idp, addr string) *backend {
 	b := &backend{sessions: map[string]bool{}}
 	mux := http.NewServeMux()
 	user := map[string]any{"user_id": 7, "email": "bench@example.com", "display_name": "Bench", "roles": []string{"admin"}}
@@ -759,7 +762,7 @@ func startBackend(idp *idp) *backend {
 		w.Header().Set("Content-Type", "application/json")
 		io.WriteString(w, `{"status":"ok","items":[1,2,3]}`)
 	})
-	b.url = serve(mux)
+	b.url = serveOn(addr, mux)
 	return b
 }
 
@@ -799,8 +802,10 @@ func startControl(backendURL string) string {
 	return serve(rp)
 }
 
-func serve(h http.Handler) string {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+func serve(h http.Handler) string { return serveOn("127.0.0.1:0", h) }
+
+func serveOn(addr string, h http.Handler) string {
+	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		log.Fatal(err)
 	}
