@@ -57,11 +57,6 @@ func (t *gqlType) field(name string) *gqlField {
 	return nil
 }
 
-func (t *gqlType) isLeaf() bool {
-	n := t.named()
-	return n.kind == kindScalar || n.kind == kindEnum
-}
-
 func (t *gqlType) isInput() bool {
 	n := t.named()
 	return n.kind == kindScalar || n.kind == kindEnum || n.kind == kindInputObject
@@ -82,15 +77,6 @@ type gqlField struct {
 	typ               *gqlType
 	deprecationReason *string
 	resolve           resolveFunc // nil: parent.(map[string]any)[name]
-}
-
-func (f *gqlField) arg(name string) *gqlInputValue {
-	for _, a := range f.args {
-		if a.name == name {
-			return a
-		}
-	}
-	return nil
 }
 
 type gqlInputValue struct {
