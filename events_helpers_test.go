@@ -288,7 +288,7 @@ func startInProcess(t testing.TB, env map[string]string, extra func(mux *http.Se
 		t.Fatal(err)
 	}
 	mux := http.NewServeMux()
-	routes(mux, mux, a, streams)
+	routes(mux, mux, a)
 	if extra != nil {
 		extra(mux)
 	}

@@ -116,7 +116,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if cfg.InternalAddr != "" {
 		internal = http.NewServeMux()
 	}
-	routes(public, internal, a, streams)
+	routes(public, internal, a)
 
 	servers := []*http.Server{newServer(cfg, log, a.metrics, public)}
 	addrs := []string{net.JoinHostPort(cfg.Bind, strconv.Itoa(cfg.Port))}
@@ -285,7 +285,7 @@ func checkHealth(cfg Config) error {
 // routes registers every route of SPEC §3. Internal routes (worker callbacks
 // and /metrics) go on internal, which is public itself unless
 // GATEWAY_INTERNAL_ADDR is set.
-func routes(public, internal *http.ServeMux, a *app, streams context.Context) {
+func routes(public, internal *http.ServeMux, a *app) {
 	cfg := a.cfg
 	onInternal := internal != public
 
@@ -311,7 +311,6 @@ func routes(public, internal *http.ServeMux, a *app, streams context.Context) {
 		metricsH = loopbackOnly(metricsH)
 	}
 	internal.Handle("GET /metrics", metricsH)
-	_ = streams
 }
 
 func handleHealth() http.Handler {
