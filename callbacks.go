@@ -94,6 +94,34 @@ func executionIDArg(raw json.RawMessage) (id string, present, ok bool) {
 	return id, true, ok
 }
 
+// decodeCallback reads a worker's JSON body within callbackLimit; on
+// failure it has answered (413/415/400) and counted the call as invalid.
+func (b *broker) decodeCallback(w http.ResponseWriter, r *http.Request, kind string, dst any) bool {
+	r.Body = http.MaxBytesReader(w, r.Body, b.callbackLimit())
+	if !decodeJSON(w, r, dst) {
+		b.metrics.callbacks.with(kind, "invalid").Inc()
+		return false
+	}
+	return true
+}
+
+// callbackProblem checks the fields both worker routes share: "" when they
+// are fine, else the message for the 400.
+func callbackProblem(requestID string, executionIDOK bool) string {
+	switch {
+	case !validRequestID(requestID):
+		return "request_id must be 1-128 characters of [A-Za-z0-9_-]"
+	case !executionIDOK:
+		return "execution_id must be a string or a number"
+	}
+	return ""
+}
+
+func (b *broker) refuseCallback(w http.ResponseWriter, r *http.Request, kind, problem string) {
+	b.metrics.callbacks.with(kind, "invalid").Inc()
+	writeError(w, r, http.StatusBadRequest, problem, nil)
+}
+
 // handleCallbackAsync serves POST /api/internal/callback/async.
 func handleCallbackAsync(b *broker) http.Handler {
 	type errorIn struct {
@@ -127,25 +155,17 @@ func handleCallbackAsync(b *broker) http.Handler {
 	}
 	const kind = "async"
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		r.Body = http.MaxBytesReader(w, r.Body, b.callbackLimit())
 		var in request
-		if !decodeJSON(w, r, &in) {
-			b.metrics.callbacks.with(kind, "invalid").Inc()
+		if !b.decodeCallback(w, r, kind, &in) {
 			return
 		}
 		execID, hasExec, ok := executionIDArg(in.ExecutionID)
-		problem := ""
-		switch {
-		case !validRequestID(in.RequestID):
-			problem = "request_id must be 1-128 characters of [A-Za-z0-9_-]"
-		case !ok:
-			problem = "execution_id must be a string or a number"
-		case in.Error != nil && in.Error.Message == nil:
+		problem := callbackProblem(in.RequestID, ok)
+		if problem == "" && in.Error != nil && in.Error.Message == nil {
 			problem = "error.message is required"
 		}
 		if problem != "" {
-			b.metrics.callbacks.with(kind, "invalid").Inc()
-			writeError(w, r, http.StatusBadRequest, problem, nil)
+			b.refuseCallback(w, r, kind, problem)
 			return
 		}
 		rec, found := b.lookupRequest(w, r, kind, in.RequestID)
@@ -202,21 +222,13 @@ func handleProgress(b *broker) http.Handler {
 	}
 	const kind = "progress"
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		r.Body = http.MaxBytesReader(w, r.Body, b.callbackLimit())
 		var in request
-		if !decodeJSON(w, r, &in) {
-			b.metrics.callbacks.with(kind, "invalid").Inc()
+		if !b.decodeCallback(w, r, kind, &in) {
 			return
 		}
 		execID, hasExec, ok := executionIDArg(in.ExecutionID)
-		if !validRequestID(in.RequestID) {
-			b.metrics.callbacks.with(kind, "invalid").Inc()
-			writeError(w, r, http.StatusBadRequest, "request_id must be 1-128 characters of [A-Za-z0-9_-]", nil)
-			return
-		}
-		if !ok {
-			b.metrics.callbacks.with(kind, "invalid").Inc()
-			writeError(w, r, http.StatusBadRequest, "execution_id must be a string or a number", nil)
+		if problem := callbackProblem(in.RequestID, ok); problem != "" {
+			b.refuseCallback(w, r, kind, problem)
 			return
 		}
 		rec, found := b.lookupRequest(w, r, kind, in.RequestID)
