@@ -54,7 +54,7 @@ func newGatewaySchema(cfg Config, noetl *noetlClient, access *accessChecker, req
 		Transport: newUpstreamTransport(cfg),
 		Timeout:   cfg.NoETLTimeout,
 		// The endpoint was checked; a redirect could lead anywhere.
-		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+		CheckRedirect: noRedirects,
 	}
 	query := &gqlType{kind: kindObject, name: "QueryRoot", fields: []*gqlField{
 		{name: "health", description: "Always \"ok\".", typ: nonNull(str),

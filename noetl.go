@@ -10,7 +10,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"net/http"
 	"net/url"
 	"strings"
@@ -31,20 +30,16 @@ type noetlClient struct {
 const maxNoETLBody = 1 << 20
 
 func newNoETLClient(cfg Config) *noetlClient {
-	tr := &http.Transport{
-		Proxy:                 nil,
-		DialContext:           (&net.Dialer{Timeout: 10 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
-		TLSHandshakeTimeout:   10 * time.Second,
-		ResponseHeaderTimeout: cfg.NoETLTimeout,
-		MaxIdleConns:          256,
-		MaxIdleConnsPerHost:   64,
-		IdleConnTimeout:       90 * time.Second,
-		ForceAttemptHTTP2:     true,
-	}
-	return &noetlClient{base: cfg.NoETLBaseURL, cfg: cfg, http: &http.Client{Transport: tr, Timeout: cfg.NoETLTimeout,
-		// The API never redirects; following one could leak the body elsewhere.
-		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}}
+	return &noetlClient{base: cfg.NoETLBaseURL, cfg: cfg, http: &http.Client{
+		Transport:     newUpstreamTransport(cfg),
+		Timeout:       cfg.NoETLTimeout,
+		CheckRedirect: noRedirects,
+	}}
 }
+
+// noRedirects keeps gateway→NoETL calls where they were sent: the API never
+// redirects, and following one could carry a body or a token elsewhere.
+func noRedirects(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
 
 // postJSON POSTs in as JSON to path and decodes a 2xx answer into out.
 func (c *noetlClient) postJSON(ctx context.Context, path string, in, out any) error {

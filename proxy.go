@@ -29,8 +29,8 @@ import (
 // Authorization are never forwarded: the session token travels only as
 // X-Session-Token.
 
-// newUpstreamTransport is the transport for gateway→NoETL traffic that
-// carries client requests (the proxy and GraphQL proxyRequest). Its pool is
+// newUpstreamTransport is the transport for gateway→NoETL traffic (the
+// proxy, GraphQL proxyRequest and the NoETL API client). Its pool is
 // sized for a gateway: every browser request funnels into one upstream host,
 // so the per-host idle limit (2 by default) would make the gateway open and
 // close connections under any real load.
