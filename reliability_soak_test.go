@@ -210,9 +210,13 @@ func TestReliabilitySoak(t *testing.T) {
 
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
+	// Filled before any worker starts: the workers read it concurrently.
 	counts := map[string]*atomic.Int64{}
-	for name, op := range ops {
+	for name := range ops {
 		counts[name] = &atomic.Int64{}
+	}
+	for name, op := range ops {
+		n := counts[name]
 		for w := range 2 {
 			wg.Go(func() {
 				for i := 0; ; i++ {
@@ -222,7 +226,7 @@ func TestReliabilitySoak(t *testing.T) {
 					default:
 					}
 					op(w, i)
-					counts[name].Add(1)
+					n.Add(1)
 				}
 			})
 		}
