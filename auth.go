@@ -359,8 +359,11 @@ func logoutHandler(cfg Config, res *resolver, nx *noetlClient) http.Handler {
 		loggerFrom(r).Info("logout", "session", tokenID(token))
 		if cfg.AuthMode == "sync" || cfg.PlaybookLogout != "" {
 			log := loggerFrom(r)
+			// Detached: the answer does not wait for NoETL. Built here so
+			// the goroutine does not touch the request after the handler
+			// returned.
+			ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), cfg.NoETLTimeout)
 			go func() {
-				ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), cfg.NoETLTimeout)
 				defer cancel()
 				var err error
 				if cfg.AuthMode == "sync" {
