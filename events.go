@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/http"
 	"strconv"
 	"strings"
@@ -219,6 +220,10 @@ type broker struct {
 	ctl     chan *nats.Msg
 	replica string // this replica's id on control messages
 
+	// streams counts the goroutines of open streams: hijacked connections
+	// are not the http.Server's to wait for at shutdown.
+	streams sync.WaitGroup
+
 	mu        sync.Mutex
 	byClient  map[string]*clientEntry
 	bySession map[string]map[*conn]struct{}
@@ -259,6 +264,22 @@ func newBroker(ctx context.Context, cfg Config, log *slog.Logger, m *metrics, re
 	}
 	b.pending.follow(ctx)
 	return b
+}
+
+// wait waits until every stream has ended (the streams context is
+// cancelled first) or ctx ends.
+func (b *broker) wait(ctx context.Context) error {
+	done := make(chan struct{})
+	go func() {
+		b.streams.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
 // controlSubject is where replicas talk about one client: "who holds it and
@@ -461,10 +482,11 @@ func (b *broker) publish(ctx context.Context, clientID, method, requestID string
 	return err == nil, nil
 }
 
-// canFlush reports whether w, through any Unwrap chain, can flush.
-func canFlush(w http.ResponseWriter) bool {
+// canHijack reports whether w, through any Unwrap chain, can hand over its
+// connection.
+func canHijack(w http.ResponseWriter) bool {
 	for {
-		if _, ok := w.(http.Flusher); ok {
+		if _, ok := w.(http.Hijacker); ok {
 			return true
 		}
 		u, ok := w.(interface{ Unwrap() http.ResponseWriter })
@@ -494,13 +516,22 @@ type capabilities struct {
 	Callbacks bool `json:"callbacks"`
 }
 
-// sseStream writes frames to one response, each batch under a write
-// deadline.
+// sseStream writes frames to one hijacked connection: the response head
+// once, then each batch of frames as one HTTP/1.1 chunk in one write under
+// a deadline. The stream owns the connection: net/http's buffers and its
+// background reader are gone, which is most of what an idle stream cost.
 type sseStream struct {
-	w   http.ResponseWriter
-	rc  *http.ResponseController
-	buf bytes.Buffer
+	conn    net.Conn
+	head    []byte // the response head, sent with the first batch
+	chunked bool   // false for HTTP/1.0 clients: the body ends at close
+	buf     bytes.Buffer
 }
+
+// sseBufKeep is the frame buffer an idle stream keeps; a larger one (a big
+// replay) is dropped after its flush.
+const sseBufKeep = 4 << 10
+
+var crlf = []byte("\r\n")
 
 func (s *sseStream) frame(id uint64, event string, data any) error {
 	sid := ""
@@ -514,15 +545,59 @@ func (s *sseStream) flush() error {
 	if s.buf.Len() == 0 {
 		return nil
 	}
-	if err := s.rc.SetWriteDeadline(time.Now().Add(sseWriteTimeout)); err != nil && !errors.Is(err, http.ErrNotSupported) {
-		return err
+	out := make(net.Buffers, 0, 4)
+	if s.head != nil {
+		out = append(out, s.head)
+		s.head = nil
 	}
-	_, err := s.w.Write(s.buf.Bytes())
+	if s.chunked {
+		out = append(out, fmt.Appendf(nil, "%x\r\n", s.buf.Len()), s.buf.Bytes(), crlf)
+	} else {
+		out = append(out, s.buf.Bytes())
+	}
+	err := s.write(out)
 	s.buf.Reset()
-	if err != nil {
+	if s.buf.Cap() > sseBufKeep {
+		s.buf = bytes.Buffer{}
+	}
+	return err
+}
+
+func (s *sseStream) write(out net.Buffers) error {
+	if err := s.conn.SetWriteDeadline(time.Now().Add(sseWriteTimeout)); err != nil {
 		return err
 	}
-	return s.rc.Flush()
+	_, err := out.WriteTo(s.conn)
+	return err
+}
+
+// end finishes the response (the last chunk), so the client sees a clean
+// end of stream and reconnects, then closes the connection.
+func (s *sseStream) end() {
+	if s.chunked && s.head == nil {
+		s.write(net.Buffers{[]byte("0\r\n\r\n")})
+	}
+	s.conn.Close()
+}
+
+// responseHead is the status line and headers of a stream: the headers the
+// middleware set (request id, CORS) and the stream's own.
+func responseHead(h http.Header, chunked bool) []byte {
+	h.Set("Content-Type", "text/event-stream")
+	h.Set("Cache-Control", "no-cache")
+	// Tell nginx-style proxies not to buffer the stream.
+	h.Set("X-Accel-Buffering", "no")
+	h.Set("Date", time.Now().UTC().Format(http.TimeFormat))
+	if chunked {
+		h.Set("Transfer-Encoding", "chunked")
+	} else {
+		h.Set("Connection", "close")
+	}
+	var b bytes.Buffer
+	b.WriteString("HTTP/1.1 200 OK\r\n")
+	h.Write(&b)
+	b.WriteString("\r\n")
+	return b.Bytes()
 }
 
 // handleEvents serves GET /events (SPEC §6).
@@ -554,8 +629,8 @@ func handleEvents(b *broker) http.Handler {
 			}
 			hasLast = true
 		}
-		if !canFlush(w) {
-			writeError(w, r, http.StatusInternalServerError, "streaming unsupported", errors.New("SSE: the ResponseWriter chain cannot flush (a wrapper without Unwrap?)"))
+		if !canHijack(w) {
+			writeError(w, r, http.StatusInternalServerError, "streaming unsupported", errors.New("SSE: the ResponseWriter chain cannot hijack (a wrapper without Unwrap, or HTTP/2?)"))
 			return
 		}
 		if err := claimClient(ctx, b.requests, clientID, token); errors.Is(err, errClientTaken) {
@@ -591,11 +666,11 @@ func handleEvents(b *broker) http.Handler {
 			writeError(w, r, http.StatusTooManyRequests, "too many connections for this session", err)
 			return
 		}
-		defer func() {
+		ended := func() {
 			c.close(closeGone) // ends its re-check and any confirm waiting on it
 			b.unregister(c)
 			close(c.ended)
-		}()
+		}
 		if replaced != nil && !hasLast {
 			// The stream this one replaces may still be saving its cursor:
 			// let it finish (it stops at once; a write stuck on a dead
@@ -608,20 +683,41 @@ func handleEvents(b *broker) http.Handler {
 			after = max(after, replaced.flushed.Load())
 		}
 		log := loggerFrom(r).With("client_id", clientID, "session", tokenID(token), "gen", c.gen)
-		b.serve(ctx, w, c, log, generated, after)
+		s := &sseStream{head: responseHead(w.Header(), r.ProtoAtLeast(1, 1)), chunked: r.ProtoAtLeast(1, 1)}
+		var err2 error
+		if s.conn, _, err2 = http.NewResponseController(w).Hijack(); err2 != nil {
+			ended()
+			writeError(w, r, http.StatusInternalServerError, "streaming unsupported", err2)
+			return
+		}
+		// From here the stream runs on its own goroutines and this handler
+		// returns: the access log records the stream's opening. A stream
+		// holds two small goroutines, one writing and one reading only to
+		// learn that the client left.
+		sctx, cancel := context.WithCancel(b.ctx)
+		b.streams.Add(2)
+		go func() {
+			defer b.streams.Done()
+			defer cancel()
+			// A client sends nothing after its GET: any byte, EOF or
+			// error ends the stream.
+			var one [1]byte
+			s.conn.Read(one[:])
+			c.close(closeGone)
+		}()
+		go func() {
+			defer b.streams.Done()
+			defer ended()
+			defer s.end()
+			defer cancel()
+			b.serve(sctx, c, s, log, generated, after)
+		}()
 	})
 }
 
 // serve runs one registered stream until the client goes, the broker closes
 // it, or the gateway shuts down.
-func (b *broker) serve(ctx context.Context, w http.ResponseWriter, c *conn, log *slog.Logger, generated bool, after uint64) {
-	h := w.Header()
-	h.Set("Content-Type", "text/event-stream")
-	h.Set("Cache-Control", "no-cache")
-	// Tell nginx-style proxies not to buffer the stream.
-	h.Set("X-Accel-Buffering", "no")
-	s := &sseStream{w: w, rc: http.NewResponseController(w)}
-	w.WriteHeader(http.StatusOK)
+func (b *broker) serve(ctx context.Context, c *conn, s *sseStream, log *slog.Logger, generated bool, after uint64) {
 	log.Debug("SSE stream open", "after", after)
 
 	fmt.Fprintf(&s.buf, "retry: %d\n\n", sseRetryMillis)

@@ -128,7 +128,7 @@ es.addEventListener('playbook/result', e => {
 	waitFor(t, 10*time.Second, "the first result in the page", func() bool { return len(reported("result")) == 1 })
 
 	// Cut the browser's connection, then publish while it is away.
-	p.CloseClientConnections()
+	p.cutConnections()
 	// This test's own keep-alive connections went too.
 	http.DefaultTransport.(*http.Transport).CloseIdleConnections()
 	waitFor(t, 10*time.Second, "the stream to be gone", func() bool { return p.app.broker.lookup("browser-1") == nil })

@@ -6,9 +6,11 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -267,9 +269,57 @@ func callback(t testing.TB, base, route string, body any) (int, map[string]any) 
 // so a test can reach the broker and the memory stores.
 type inProcess struct {
 	*httptest.Server
-	app  *app
-	Logs *syncBuffer
-	stop context.CancelFunc
+	app   *app
+	Logs  *syncBuffer
+	stop  context.CancelFunc
+	conns *connTracker
+}
+
+// cutConnections closes every client connection, SSE streams included, as
+// a network failure would. (httptest's CloseClientConnections forgets the
+// hijacked connections that streams run on.)
+func (p *inProcess) cutConnections() { p.conns.cut() }
+
+// connTracker is a listener that remembers the connections it accepted
+// until they are closed.
+type connTracker struct {
+	net.Listener
+	mu    sync.Mutex
+	conns map[*trackedConn]struct{}
+}
+
+type trackedConn struct {
+	net.Conn
+	l *connTracker
+}
+
+func (c *trackedConn) Close() error {
+	c.l.mu.Lock()
+	delete(c.l.conns, c)
+	c.l.mu.Unlock()
+	return c.Conn.Close()
+}
+
+func (l *connTracker) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	tc := &trackedConn{Conn: c, l: l}
+	l.mu.Lock()
+	l.conns[tc] = struct{}{}
+	l.mu.Unlock()
+	return tc, nil
+}
+
+func (l *connTracker) cut() {
+	l.mu.Lock()
+	conns := l.conns
+	l.conns = map[*trackedConn]struct{}{}
+	l.mu.Unlock()
+	for c := range conns {
+		c.Conn.Close()
+	}
 }
 
 // extra adds test routes to the mux; wrap, when set, wraps the whole
@@ -299,8 +349,10 @@ func startInProcess(t testing.TB, env map[string]string, extra func(mux *http.Se
 	srv := httptest.NewUnstartedServer(real.Handler)
 	// The gateway's own server settings (timeouts), on the test listener.
 	srv.Config = real
+	conns := &connTracker{Listener: srv.Listener, conns: map[*trackedConn]struct{}{}}
+	srv.Listener = conns
 	srv.Start()
-	p := &inProcess{Server: srv, app: a, Logs: logs, stop: stop}
+	p := &inProcess{Server: srv, app: a, Logs: logs, stop: stop, conns: conns}
 	t.Cleanup(func() {
 		stop()
 		srv.CloseClientConnections()

@@ -530,27 +530,20 @@ func TestEventsInProcessMode(t *testing.T) {
 	c.quiet(t, 200*time.Millisecond)
 }
 
-// A ResponseWriter chain that cannot flush is refused loudly, not served as
-// a stream that never arrives.
-func TestEventsNeedFlush(t *testing.T) {
+// A ResponseWriter chain that cannot hand over its connection is refused
+// loudly, not served as a stream that never arrives.
+func TestEventsNeedHijack(t *testing.T) {
 	t.Parallel()
 	noetl := startNoETL(t)
 	noetl.addSession("tok-nf", sseUser, time.Now().Add(time.Hour))
 	p := startInProcess(t, map[string]string{"NOETL_BASE_URL": noetl.URL}, nil, nil)
 	rec := httptest.NewRecorder()
 	req := httptest.NewRequest("GET", "/events?session_token=tok-nf", nil)
-	handleEvents(p.app.broker).ServeHTTP(noFlush{rec}, req)
+	handleEvents(p.app.broker).ServeHTTP(rec, req)
 	if rec.Code != 500 || !strings.Contains(rec.Body.String(), "streaming unsupported") {
 		t.Fatalf("got %d %s", rec.Code, rec.Body)
 	}
 }
-
-// noFlush hides the recorder's Flush, as a wrapper without Unwrap would.
-type noFlush struct{ w http.ResponseWriter }
-
-func (n noFlush) Header() http.Header         { return n.w.Header() }
-func (n noFlush) Write(p []byte) (int, error) { return n.w.Write(p) }
-func (n noFlush) WriteHeader(code int)        { n.w.WriteHeader(code) }
 
 // metricValue reads one series from a scrape (0 when absent).
 func metricValue(scrape, series string) float64 {

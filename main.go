@@ -168,6 +168,11 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 			}
 		})
 	}
+	wg.Go(func() {
+		if err := a.broker.wait(sctx); err != nil {
+			log.Warn("SSE streams did not end in time", "err", err)
+		}
+	})
 	wg.Wait()
 	a.nats.drain(sctx)
 	log.Info("stopped")
