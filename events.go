@@ -588,10 +588,11 @@ func responseHead(h http.Header, chunked bool) []byte {
 	// Tell nginx-style proxies not to buffer the stream.
 	h.Set("X-Accel-Buffering", "no")
 	h.Set("Date", time.Now().UTC().Format(http.TimeFormat))
+	// The connection ends with the stream: a client must not put it back
+	// in its keep-alive pool.
+	h.Set("Connection", "close")
 	if chunked {
 		h.Set("Transfer-Encoding", "chunked")
-	} else {
-		h.Set("Connection", "close")
 	}
 	var b bytes.Buffer
 	b.WriteString("HTTP/1.1 200 OK\r\n")
@@ -683,19 +684,25 @@ func handleEvents(b *broker) http.Handler {
 			after = max(after, replaced.flushed.Load())
 		}
 		log := loggerFrom(r).With("client_id", clientID, "session", tokenID(token), "gen", c.gen)
-		s := &sseStream{head: responseHead(w.Header(), r.ProtoAtLeast(1, 1)), chunked: r.ProtoAtLeast(1, 1)}
-		var err2 error
-		if s.conn, _, err2 = http.NewResponseController(w).Hijack(); err2 != nil {
+		nc, _, err := http.NewResponseController(w).Hijack()
+		if err != nil {
 			ended()
-			writeError(w, r, http.StatusInternalServerError, "streaming unsupported", err2)
+			writeError(w, r, http.StatusInternalServerError, "streaming unsupported", err)
 			return
 		}
-		// From here the stream runs on its own goroutines and this handler
-		// returns: the access log records the stream's opening. A stream
-		// holds two small goroutines, one writing and one reading only to
-		// learn that the client left.
+		chunked := r.ProtoAtLeast(1, 1)
+		s := &sseStream{conn: nc, head: responseHead(w.Header(), chunked), chunked: chunked}
+		// The stream owns the connection now. A goroutine reads it only to
+		// learn that the client left; this handler sends the opening and
+		// the replay (deep, short-lived work) and returns, leaving a small
+		// goroutine for the live part. The access log records the opening.
 		sctx, cancel := context.WithCancel(b.ctx)
-		b.streams.Add(2)
+		end := func() {
+			cancel()
+			s.end()
+			ended()
+		}
+		b.streams.Add(1)
 		go func() {
 			defer b.streams.Done()
 			defer cancel()
@@ -705,21 +712,41 @@ func handleEvents(b *broker) http.Handler {
 			s.conn.Read(one[:])
 			c.close(closeGone)
 		}()
+		st := &streamState{b: b, s: s, c: c, log: log, cursor: after, sent: after}
+		if !st.open(sctx, generated) {
+			end()
+			return
+		}
+		b.streams.Add(1)
 		go func() {
 			defer b.streams.Done()
-			defer ended()
-			defer s.end()
-			defer cancel()
-			b.serve(sctx, c, s, log, generated, after)
+			defer end()
+			st.live(sctx)
 		}()
 	})
 }
 
-// serve runs one registered stream until the client goes, the broker closes
-// it, or the gateway shuts down.
-func (b *broker) serve(ctx context.Context, c *conn, s *sseStream, log *slog.Logger, generated bool, after uint64) {
-	log.Debug("SSE stream open", "after", after)
+// streamState is one registered stream. It tracks what the stream has
+// sent: events at or below sent are duplicates (replayed, then also queued
+// live) and are skipped.
+type streamState struct {
+	b      *broker
+	s      *sseStream
+	c      *conn
+	log    *slog.Logger
+	sent   uint64   // highest event id written
+	cursor uint64   // highest id recorded in the delivery cursor
+	done   []string // results written since the last commit
+	n      int
+}
 
+// open sends the stream's opening (retry, init message, ping) and replays
+// what was kept for the client after the cursor. Live events have been
+// queuing since register; the ones replayed are skipped later. It reports
+// whether the stream goes on.
+func (st *streamState) open(ctx context.Context, generated bool) bool {
+	b, c, s, log := st.b, st.c, st.s, st.log
+	log.Debug("SSE stream open", "after", st.sent)
 	fmt.Fprintf(&s.buf, "retry: %d\n\n", sseRetryMillis)
 	init := initResult{
 		ProtocolVersion: "2024-11-05",
@@ -736,48 +763,52 @@ func (b *broker) serve(ctx context.Context, c *conn, s *sseStream, log *slog.Log
 	s.frame(0, "ping", pingFrame)
 	if err := s.flush(); err != nil {
 		log.Debug("SSE write failed", "err", err)
-		return
+		return false
 	}
+	if generated {
+		return true
+	}
+	err := b.events.replay(ctx, c.clientID, st.sent, func(ev event) error {
+		if c.closed() {
+			return errConnClosed
+		}
+		c.took(ev.ID)
+		return st.send(ctx, ev, "replayed")
+	})
+	if err == nil {
+		err = st.commit(ctx)
+	}
+	switch {
+	case errors.Is(err, errConnClosed):
+		st.finish()
+		return false
+	case err != nil:
+		// Ending the stream makes the browser come back with its
+		// Last-Event-ID: better than a gap.
+		log.Warn("SSE replay failed; ending stream", "err", err)
+		return false
+	}
+	return true
+}
 
-	// Live events have been queuing since register; replay what was kept
-	// before, then skip queued events already sent.
-	st := &streamState{b: b, s: s, c: c, log: log, cursor: after, sent: after}
-	// finish ends a stream the broker closed.
-	finish := func() {
-		switch c.reason {
-		case closeRevoked:
-			s.frame(0, "error", sessionErrorFrame)
-			s.flush()
-			log.Info("SSE stream closed: session no longer valid")
-		case closeReplaced:
-			log.Debug("SSE stream replaced by a newer connection")
-		case closeOverflow:
-			log.Info("SSE stream closed: client could not keep up")
-		}
+// finish ends a stream the broker closed.
+func (st *streamState) finish() {
+	switch st.c.reason {
+	case closeRevoked:
+		st.s.frame(0, "error", sessionErrorFrame)
+		st.s.flush()
+		st.log.Info("SSE stream closed: session no longer valid")
+	case closeReplaced:
+		st.log.Debug("SSE stream replaced by a newer connection")
+	case closeOverflow:
+		st.log.Info("SSE stream closed: client could not keep up")
 	}
-	if !generated {
-		err := b.events.replay(ctx, c.clientID, after, func(ev event) error {
-			if c.closed() {
-				return errConnClosed
-			}
-			c.took(ev.ID)
-			return st.send(ctx, ev, "replayed")
-		})
-		if err == nil {
-			err = st.commit(ctx)
-		}
-		switch {
-		case errors.Is(err, errConnClosed):
-			finish()
-			return
-		case err != nil:
-			// Ending the stream makes the browser come back with its
-			// Last-Event-ID: better than a gap.
-			log.Warn("SSE replay failed; ending stream", "err", err)
-			return
-		}
-	}
+}
 
+// live delivers queued events and heartbeats until the client goes, the
+// broker closes the stream, or the gateway shuts down.
+func (st *streamState) live(ctx context.Context) {
+	b, c, s, log := st.b, st.c, st.s, st.log
 	stopRecheck := b.recheck(c, log)
 	defer stopRecheck()
 	heartbeat := time.NewTicker(b.cfg.Heartbeat)
@@ -786,17 +817,17 @@ func (b *broker) serve(ctx context.Context, c *conn, s *sseStream, log *slog.Log
 		// A closed connection stops at once, even with events queued: they
 		// are in the log for the reconnect.
 		if c.closed() {
-			finish()
+			st.finish()
 			return
 		}
 		select {
 		case <-ctx.Done():
-			return
-		case <-b.ctx.Done():
-			log.Debug("SSE stream ended by shutdown")
+			if b.ctx.Err() != nil {
+				log.Debug("SSE stream ended by shutdown")
+			}
 			return
 		case <-c.done:
-			finish()
+			st.finish()
 			return
 		case <-heartbeat.C:
 			s.frame(0, "ping", pingFrame)
@@ -823,19 +854,6 @@ func (b *broker) serve(ctx context.Context, c *conn, s *sseStream, log *slog.Log
 			}
 		}
 	}
-}
-
-// streamState tracks what one stream has sent: events at or below sent are
-// duplicates (replayed, then also queued live) and are skipped.
-type streamState struct {
-	b      *broker
-	s      *sseStream
-	c      *conn
-	log    *slog.Logger
-	sent   uint64   // highest event id written
-	cursor uint64   // highest id recorded in the delivery cursor
-	done   []string // results written since the last commit
-	n      int
 }
 
 func (st *streamState) send(ctx context.Context, ev event, outcome string) error {

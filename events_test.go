@@ -640,3 +640,74 @@ func TestEventsSurviveNATSRestart(t *testing.T) {
 		}
 	}
 }
+
+// TestEventsWire reads streams off raw TCP: the hijacked response is valid
+// HTTP/1.1 (chunked, the middleware's request id and CORS headers, the
+// connection not offered for reuse) and ends with a clean last chunk; an
+// HTTP/1.0 client gets a body that ends at close; a client that sends
+// anything after its GET is cut.
+func TestEventsWire(t *testing.T) {
+	t.Parallel()
+	noetl := startNoETL(t)
+	noetl.addSession("tok-wire", sseUser, time.Now().Add(time.Hour))
+	p := startInProcess(t, map[string]string{"NOETL_BASE_URL": noetl.URL, "CORS_ALLOWED_ORIGINS": "https://ui.example.com"}, nil, nil)
+	u, _ := url.Parse(p.URL)
+	open := func(proto, clientID string) (net.Conn, *http.Response) {
+		t.Helper()
+		raw, err := net.Dial("tcp", u.Host)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { raw.Close() })
+		raw.SetDeadline(time.Now().Add(20 * time.Second))
+		fmt.Fprintf(raw, "GET /events?session_token=tok-wire&client_id=%s %s\r\nHost: %s\r\nOrigin: https://ui.example.com\r\nX-Request-Id: wire-%s\r\n\r\n", clientID, proto, u.Host, clientID)
+		resp, err := http.ReadResponse(bufio.NewReader(raw), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		h := resp.Header
+		if resp.StatusCode != 200 || h.Get("Content-Type") != "text/event-stream" || h.Get("X-Request-Id") != "wire-"+clientID ||
+			h.Get("Access-Control-Allow-Origin") != "https://ui.example.com" || !strings.Contains(h.Get("Vary"), "Origin") || !resp.Close {
+			t.Fatalf("%s: %d %v", proto, resp.StatusCode, h)
+		}
+		return raw, resp
+	}
+	untilEnd := func(resp *http.Response) string {
+		t.Helper()
+		body, err := io.ReadAll(resp.Body)
+		if err != nil {
+			t.Fatalf("stream did not end cleanly: %v (read %q)", err, body)
+		}
+		return string(body)
+	}
+
+	raw, resp := open("HTTP/1.1", "wire-11")
+	if len(resp.TransferEncoding) != 1 || resp.TransferEncoding[0] != "chunked" {
+		t.Fatalf("HTTP/1.1 transfer encoding %v", resp.TransferEncoding)
+	}
+	waitFor(t, 5*time.Second, "the stream", func() bool { return p.app.broker.lookup("wire-11") != nil })
+	p.app.broker.closeSession("tok-wire")
+	body := untilEnd(resp)
+	if !strings.HasPrefix(body, "retry: 3000\n\n") || !strings.HasSuffix(body, "event: error\ndata: {\"jsonrpc\":\"2.0\",\"error\":{\"code\":-32002,\"message\":\"Invalid or expired session\"}}\n\n") {
+		t.Fatalf("HTTP/1.1 body %q", body)
+	}
+	if n, err := raw.Read(make([]byte, 1)); err != io.EOF {
+		t.Fatalf("after the last chunk: %d %v, want the connection closed", n, err)
+	}
+
+	// The session was revoked only in the broker; it still resolves.
+	_, resp = open("HTTP/1.0", "wire-10")
+	if resp.TransferEncoding != nil {
+		t.Fatalf("HTTP/1.0 transfer encoding %v", resp.TransferEncoding)
+	}
+	waitFor(t, 5*time.Second, "the stream", func() bool { return p.app.broker.lookup("wire-10") != nil })
+	p.app.broker.closeSession("tok-wire")
+	if body := untilEnd(resp); !strings.HasPrefix(body, "retry: 3000\n\n") || !strings.Contains(body, "-32002") {
+		t.Fatalf("HTTP/1.0 body %q", body)
+	}
+
+	raw, _ = open("HTTP/1.1", "wire-talk")
+	waitFor(t, 5*time.Second, "the stream", func() bool { return p.app.broker.lookup("wire-talk") != nil })
+	io.WriteString(raw, "GET / HTTP/1.1\r\n")
+	waitFor(t, 5*time.Second, "a client that talks to be cut", func() bool { return p.app.broker.lookup("wire-talk") == nil })
+}
