@@ -697,10 +697,12 @@ func handleEvents(b *broker) http.Handler {
 		// the replay (deep, short-lived work) and returns, leaving a small
 		// goroutine for the live part. The access log records the opening.
 		sctx, cancel := context.WithCancel(b.ctx)
+		opened := time.Now()
 		end := func() {
 			cancel()
 			s.end()
 			ended()
+			log.Debug("SSE stream ended", "duration", time.Since(opened))
 		}
 		b.streams.Add(1)
 		go func() {

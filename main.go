@@ -168,12 +168,13 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 			}
 		})
 	}
-	wg.Go(func() {
-		if err := a.broker.wait(sctx); err != nil {
-			log.Warn("SSE streams did not end in time", "err", err)
-		}
-	})
 	wg.Wait()
+	// Streams run on hijacked connections, which Shutdown does not track.
+	// They were told to end with endStreams; every handler that could
+	// start one has returned by now.
+	if err := a.broker.wait(sctx); err != nil {
+		log.Warn("SSE streams did not end in time", "err", err)
+	}
 	a.nats.drain(sctx)
 	log.Info("stopped")
 	return err
