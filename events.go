@@ -630,6 +630,14 @@ func handleEvents(b *broker) http.Handler {
 			}
 			hasLast = true
 		}
+		if r.Method == http.MethodHead {
+			// The mux routes HEAD here with GET. Answer what a GET would
+			// start with, without opening (and registering) a stream.
+			w.Header().Set("Content-Type", "text/event-stream")
+			w.Header().Set("Cache-Control", "no-cache")
+			w.WriteHeader(http.StatusOK)
+			return
+		}
 		if !canHijack(w) {
 			writeError(w, r, http.StatusInternalServerError, "streaming unsupported", errors.New("SSE: the ResponseWriter chain cannot hijack (a wrapper without Unwrap, or HTTP/2?)"))
 			return

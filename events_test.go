@@ -706,6 +706,17 @@ func TestEventsWire(t *testing.T) {
 		t.Fatalf("HTTP/1.0 body %q", body)
 	}
 
+	// HEAD gets a GET's head and no stream.
+	req, _ := http.NewRequest("HEAD", p.URL+"/events?session_token=tok-wire&client_id=wire-head", nil)
+	hresp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hresp.Body.Close()
+	if hresp.StatusCode != 200 || hresp.Header.Get("Content-Type") != "text/event-stream" || p.app.broker.lookup("wire-head") != nil {
+		t.Fatalf("HEAD: %d %v", hresp.StatusCode, hresp.Header)
+	}
+
 	raw, _ = open("HTTP/1.1", "wire-talk")
 	waitFor(t, 5*time.Second, "the stream", func() bool { return p.app.broker.lookup("wire-talk") != nil })
 	io.WriteString(raw, "GET / HTTP/1.1\r\n")
