@@ -692,48 +692,53 @@ func handleEvents(b *broker) http.Handler {
 			after = max(after, replaced.flushed.Load())
 		}
 		log := loggerFrom(r).With("client_id", clientID, "session", tokenID(token), "gen", c.gen)
-		nc, _, err := http.NewResponseController(w).Hijack()
-		if err != nil {
-			ended()
-			writeError(w, r, http.StatusInternalServerError, "streaming unsupported", err)
-			return
-		}
-		chunked := r.ProtoAtLeast(1, 1)
-		s := &sseStream{conn: nc, head: responseHead(w.Header(), chunked), chunked: chunked}
-		// The stream owns the connection now. A goroutine reads it only to
-		// learn that the client left; this handler sends the opening and
-		// the replay (deep, short-lived work) and returns, leaving a small
-		// goroutine for the live part. The access log records the opening.
-		sctx, cancel := context.WithCancel(b.ctx)
-		opened := time.Now()
-		end := func() {
-			cancel()
-			s.end()
-			ended()
-			log.Debug("SSE stream ended", "duration", time.Since(opened))
-		}
-		b.streams.Add(1)
-		go func() {
-			defer b.streams.Done()
-			defer cancel()
-			// A client sends nothing after its GET: any byte, EOF or
-			// error ends the stream.
-			var one [1]byte
-			s.conn.Read(one[:])
-			c.close(closeGone)
-		}()
-		st := &streamState{b: b, s: s, c: c, log: log, cursor: after, sent: after}
-		if !st.open(sctx, generated) {
-			end()
-			return
-		}
-		b.streams.Add(1)
-		go func() {
-			defer b.streams.Done()
-			defer end()
-			st.live(sctx)
-		}()
+		b.run(w, r, c, ended, log, generated, after)
 	})
+}
+
+// run takes the connection over from net/http and runs the registered
+// stream c on it. A goroutine reads the connection only to learn that the
+// client left; run itself sends the opening and the replay (deep,
+// short-lived work, on the handler's stack) and returns, leaving one small
+// goroutine for the live part. The access log records the opening.
+func (b *broker) run(w http.ResponseWriter, r *http.Request, c *conn, ended func(), log *slog.Logger, generated bool, after uint64) {
+	nc, _, err := http.NewResponseController(w).Hijack()
+	if err != nil {
+		ended()
+		writeError(w, r, http.StatusInternalServerError, "streaming unsupported", err)
+		return
+	}
+	chunked := r.ProtoAtLeast(1, 1)
+	s := &sseStream{conn: nc, head: responseHead(w.Header(), chunked), chunked: chunked}
+	ctx, cancel := context.WithCancel(b.ctx)
+	opened := time.Now()
+	end := func() {
+		cancel()
+		s.end()
+		ended()
+		log.Debug("SSE stream ended", "duration", time.Since(opened))
+	}
+	b.streams.Add(1)
+	go func() {
+		defer b.streams.Done()
+		defer cancel()
+		// A client sends nothing after its GET: any byte, EOF or error
+		// ends the stream.
+		var one [1]byte
+		s.conn.Read(one[:])
+		c.close(closeGone)
+	}()
+	st := &streamState{b: b, s: s, c: c, log: log, cursor: after, sent: after}
+	if !st.open(ctx, generated) {
+		end()
+		return
+	}
+	b.streams.Add(1)
+	go func() {
+		defer b.streams.Done()
+		defer end()
+		st.live(ctx)
+	}()
 }
 
 // streamState is one registered stream. It tracks what the stream has
