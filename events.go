@@ -524,6 +524,7 @@ type sseStream struct {
 	conn    net.Conn
 	head    []byte // the response head, sent with the first batch
 	chunked bool   // false for HTTP/1.0 clients: the body ends at close
+	failed  bool   // a write failed or timed out: nothing more is sent
 	buf     bytes.Buffer
 }
 
@@ -564,17 +565,22 @@ func (s *sseStream) flush() error {
 }
 
 func (s *sseStream) write(out net.Buffers) error {
-	if err := s.conn.SetWriteDeadline(time.Now().Add(sseWriteTimeout)); err != nil {
-		return err
+	err := s.conn.SetWriteDeadline(time.Now().Add(sseWriteTimeout))
+	if err == nil {
+		_, err = out.WriteTo(s.conn)
 	}
-	_, err := out.WriteTo(s.conn)
+	if err != nil {
+		s.failed = true
+	}
 	return err
 }
 
-// end finishes the response (the last chunk), so the client sees a clean
-// end of stream and reconnects, then closes the connection.
-func (s *sseStream) end() {
-	if s.chunked && s.head == nil {
+// end closes the connection. A graceful end first finishes the response
+// (the last chunk), so the client sees a clean end of stream and
+// reconnects; a client that stopped reading gets no more writes, each of
+// which could wait out the write deadline.
+func (s *sseStream) end(graceful bool) {
+	if graceful && s.chunked && s.head == nil && !s.failed {
 		s.write(net.Buffers{[]byte("0\r\n\r\n")})
 	}
 	s.conn.Close()
@@ -714,7 +720,10 @@ func (b *broker) run(w http.ResponseWriter, r *http.Request, c *conn, ended func
 	opened := time.Now()
 	end := func() {
 		cancel()
-		s.end()
+		// A stream that ends without a reason of the broker's: the client
+		// left, a write failed, or the gateway is shutting down.
+		c.close(closeGone)
+		s.end(c.reason != closeOverflow)
 		ended()
 		log.Debug("SSE stream ended", "duration", time.Since(opened))
 	}
