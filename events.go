@@ -222,7 +222,7 @@ type broker struct {
 
 	// streams counts the goroutines of open streams: hijacked connections
 	// are not the http.Server's to wait for at shutdown.
-	streams sync.WaitGroup
+	streams streamCount
 
 	mu        sync.Mutex
 	byClient  map[string]*clientEntry
@@ -268,14 +268,41 @@ func newBroker(ctx context.Context, cfg Config, log *slog.Logger, m *metrics, re
 
 // wait waits until every stream has ended (the streams context is
 // cancelled first) or ctx ends.
-func (b *broker) wait(ctx context.Context) error {
-	done := make(chan struct{})
-	go func() {
-		b.streams.Wait()
-		close(done)
-	}()
+func (b *broker) wait(ctx context.Context) error { return b.streams.wait(ctx) }
+
+// streamCount is a goroutine count that, unlike a sync.WaitGroup, may grow
+// while someone waits: a handler that has hijacked its connection is no
+// longer waited for by http.Server.Shutdown, so it may still be starting
+// its stream's goroutines when shutdown starts waiting for them.
+type streamCount struct {
+	mu    sync.Mutex
+	n     int
+	empty chan struct{} // closed when n drops to 0; made by the first waiter
+}
+
+func (sc *streamCount) add(d int) {
+	sc.mu.Lock()
+	defer sc.mu.Unlock()
+	sc.n += d
+	if sc.n == 0 && sc.empty != nil {
+		close(sc.empty)
+		sc.empty = nil
+	}
+}
+
+func (sc *streamCount) wait(ctx context.Context) error {
+	sc.mu.Lock()
+	if sc.n == 0 {
+		sc.mu.Unlock()
+		return nil
+	}
+	if sc.empty == nil {
+		sc.empty = make(chan struct{})
+	}
+	empty := sc.empty
+	sc.mu.Unlock()
 	select {
-	case <-done:
+	case <-empty:
 		return nil
 	case <-ctx.Done():
 		return ctx.Err()
@@ -727,9 +754,9 @@ func (b *broker) run(w http.ResponseWriter, r *http.Request, c *conn, ended func
 		ended()
 		log.Debug("SSE stream ended", "duration", time.Since(opened))
 	}
-	b.streams.Add(1)
+	b.streams.add(1)
 	go func() {
-		defer b.streams.Done()
+		defer b.streams.add(-1)
 		defer cancel()
 		// A client sends nothing after its GET: any byte, EOF or error
 		// ends the stream.
@@ -742,9 +769,9 @@ func (b *broker) run(w http.ResponseWriter, r *http.Request, c *conn, ended func
 		end()
 		return
 	}
-	b.streams.Add(1)
+	b.streams.add(1)
 	go func() {
-		defer b.streams.Done()
+		defer b.streams.add(-1)
 		defer end()
 		st.live(ctx)
 	}()

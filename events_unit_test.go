@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -201,5 +202,36 @@ func BenchmarkBrokerPublish(b *testing.B) {
 		if ok, err := br.publish(b.Context(), "bench-client", "playbook/progress", "r", msg); err != nil || !ok {
 			b.Fatalf("publish: %v %v", ok, err)
 		}
+	}
+}
+
+// streamCount may grow while shutdown waits on it (a hijacked stream is
+// still starting), which a sync.WaitGroup forbids; the race detector checks
+// it here.
+func TestStreamCount(t *testing.T) {
+	var sc streamCount
+	if err := sc.wait(context.Background()); err != nil {
+		t.Fatalf("empty: %v", err)
+	}
+	sc.add(1)
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if err := sc.wait(ctx); err == nil {
+		t.Fatal("wait returned with a stream running")
+	}
+	done := make(chan error)
+	go func() { done <- sc.wait(context.Background()) }()
+	go func() {
+		sc.add(1) // a stream starting while shutdown waits
+		sc.add(-1)
+		sc.add(-1)
+	}()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("wait did not return once every stream ended")
 	}
 }

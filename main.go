@@ -169,9 +169,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		})
 	}
 	wg.Wait()
-	// Streams run on hijacked connections, which Shutdown does not track.
-	// They were told to end with endStreams; every handler that could
-	// start one has returned by now.
+	// Streams run on hijacked connections, which Shutdown does not track;
+	// they were told to end with endStreams.
 	if err := a.broker.wait(sctx); err != nil {
 		log.Warn("SSE streams did not end in time", "err", err)
 	}
