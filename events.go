@@ -613,13 +613,18 @@ func (s *sseStream) end(graceful bool) {
 	s.conn.Close()
 }
 
-// responseHead is the status line and headers of a stream: the headers the
-// middleware set (request id, CORS) and the stream's own.
-func responseHead(h http.Header, chunked bool) []byte {
+// setStreamHeaders sets what describes an event stream.
+func setStreamHeaders(h http.Header) {
 	h.Set("Content-Type", "text/event-stream")
 	h.Set("Cache-Control", "no-cache")
 	// Tell nginx-style proxies not to buffer the stream.
 	h.Set("X-Accel-Buffering", "no")
+}
+
+// responseHead is the status line and headers of a stream: the headers the
+// middleware set (request id, CORS) and the stream's own.
+func responseHead(h http.Header, chunked bool) []byte {
+	setStreamHeaders(h)
 	h.Set("Date", time.Now().UTC().Format(http.TimeFormat))
 	// The connection ends with the stream: a client must not put it back
 	// in its keep-alive pool.
@@ -666,8 +671,7 @@ func handleEvents(b *broker) http.Handler {
 		if r.Method == http.MethodHead {
 			// The mux routes HEAD here with GET. Answer what a GET would
 			// start with, without opening (and registering) a stream.
-			w.Header().Set("Content-Type", "text/event-stream")
-			w.Header().Set("Cache-Control", "no-cache")
+			setStreamHeaders(w.Header())
 			w.WriteHeader(http.StatusOK)
 			return
 		}
