@@ -250,6 +250,23 @@ func recordJSON(clientID, token, execID string) []byte {
 	return b
 }
 
+// waitPendingIndexed returns once the gateway's pending index holds every
+// request record written so far: it writes one more, for a client of its
+// own, and connects as that client until the init message lists it (the
+// index follows the bucket in order). The index is eventually consistent;
+// tests that expect a record just written in an init message wait here.
+func waitPendingIndexed(t testing.TB, g *gateway, kv jetstream.KeyValue, token string) {
+	t.Helper()
+	client := "sentinel-" + newID()[:8]
+	putRequest(t, kv, "req-"+client, client, token, "e-"+client)
+	waitFor(t, 10*time.Second, "the pending index to catch up", func() bool {
+		c := openSSE(t, g.URL+"/events?session_token="+token+"&client_id="+client, nil)
+		defer c.Close()
+		pending, _ := c.skipInit(t)["pendingRequests"].([]any)
+		return len(pending) == 1
+	})
+}
+
 func putRequest(t testing.TB, kv jetstream.KeyValue, rid, clientID, token, execID string) {
 	t.Helper()
 	if _, err := kv.Put(context.Background(), rid, recordJSON(clientID, token, execID)); err != nil {

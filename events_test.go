@@ -23,6 +23,7 @@ func TestEventsInitAndHeartbeat(t *testing.T) {
 	g := natsGateway(t, ns, noetl, map[string]string{"GATEWAY_HEARTBEAT_INTERVAL_SECS": "1"})
 	kv := requestsKV(t, ns)
 	putRequest(t, kv, "req-pending-1", "client-init", "tok-init", "exec-1")
+	waitPendingIndexed(t, g, kv, "tok-init")
 
 	c := openSSE(t, g.URL+"/events?session_token=tok-init&client_id=client-init", nil)
 	h := c.Resp.Header
@@ -226,6 +227,7 @@ func TestEventsDeliveredOnPlainReconnect(t *testing.T) {
 	kv := requestsKV(t, ns)
 	putRequest(t, kv, "req-p1", "client-p", "tok-p", "exec-p1")
 	putRequest(t, kv, "req-p2", "client-p", "tok-p", "exec-p2")
+	waitPendingIndexed(t, g, kv, "tok-p")
 	stream := g.URL + "/events?session_token=tok-p&client_id=client-p"
 
 	// The result arrives before the browser ever connected.
