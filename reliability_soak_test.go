@@ -260,8 +260,7 @@ func TestReliabilitySoak(t *testing.T) {
 	// Every connection of the soak is gone: the gateway's goroutines are
 	// the baseline's. The slack covers the test's own HTTP client pool
 	// winding down.
-	idle()
-	goroutinesAt(t, baseG+3, 10*time.Second, "goroutines after the soak")
+	goroutinesAt(t, baseG+3, 10*time.Second, "goroutines after the soak", idle)
 	// Heap: two kinds of state legitimately outlive the soak. Each login
 	// leaves a revocation tombstone (24 h) and a near-cache tombstone at
 	// the gateway and a session at the fake NoETL: a few hundred bytes,
