@@ -712,11 +712,6 @@ func handleEvents(b *broker) http.Handler {
 			writeError(w, r, http.StatusTooManyRequests, "too many connections for this session", err)
 			return
 		}
-		ended := func() {
-			c.close(closeGone) // ends its re-check and any confirm waiting on it
-			b.unregister(c)
-			close(c.ended)
-		}
 		if replaced != nil && !hasLast {
 			// The stream this one replaces may still be saving its cursor:
 			// let it finish (it stops at once; a write stuck on a dead
@@ -729,8 +724,17 @@ func handleEvents(b *broker) http.Handler {
 			after = max(after, replaced.flushed.Load())
 		}
 		log := loggerFrom(r).With("client_id", clientID, "session", tokenID(token), "gen", c.gen)
-		b.run(w, r, c, ended, log, generated, after)
+		b.run(w, r, c, log, generated, after)
 	})
+}
+
+// release ends a registered connection's life in the broker: its
+// re-check and any confirm waiting on it stop, it leaves the indexes, and
+// a connection replacing it may go on.
+func (b *broker) release(c *conn) {
+	c.close(closeGone)
+	b.unregister(c)
+	close(c.ended)
 }
 
 // run takes the connection over from net/http and runs the registered
@@ -738,10 +742,10 @@ func handleEvents(b *broker) http.Handler {
 // client left; run itself sends the opening and the replay (deep,
 // short-lived work, on the handler's stack) and returns, leaving one small
 // goroutine for the live part. The access log records the opening.
-func (b *broker) run(w http.ResponseWriter, r *http.Request, c *conn, ended func(), log *slog.Logger, generated bool, after uint64) {
+func (b *broker) run(w http.ResponseWriter, r *http.Request, c *conn, log *slog.Logger, generated bool, after uint64) {
 	nc, _, err := http.NewResponseController(w).Hijack()
 	if err != nil {
-		ended()
+		b.release(c)
 		writeError(w, r, http.StatusInternalServerError, "streaming unsupported", err)
 		return
 	}
@@ -755,7 +759,7 @@ func (b *broker) run(w http.ResponseWriter, r *http.Request, c *conn, ended func
 		// left, a write failed, or the gateway is shutting down.
 		c.close(closeGone)
 		s.end(c.reason != closeOverflow)
-		ended()
+		b.release(c)
 		log.Debug("SSE stream ended", "duration", time.Since(opened))
 	}
 	b.streams.add(1)
